@@ -1,0 +1,176 @@
+//! cgroup v2 paths: finding the mount, resolving user-given names, ids (the cgroup
+//! directory's inode number, as `bpf_get_current_cgroup_id` reports it), and the
+//! safety checks that keep us from confining the host or ourselves.
+use std::{
+    fs,
+    io,
+    os::unix::fs::MetadataExt as _,
+    path::{Component, Path, PathBuf},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("no cgroup v2 filesystem is mounted (looked in /proc/self/mountinfo)")]
+    NoCgroup2,
+    #[error("cgroup {path}")]
+    Io { path: PathBuf, #[source] source: io::Error },
+    #[error("cgroup {0} is outside the cgroup v2 mount {1}")]
+    OutsideMount(PathBuf, PathBuf),
+    #[error("refusing to confine {0}: it is the cgroup v2 root, which holds the whole host")]
+    Root(PathBuf),
+    #[error(
+        "refusing to confine {path}: this controller (pid {pid}) runs inside it, and a \
+         deny-all there would cut off the controller's own shell; use a child cgroup"
+    )]
+    HoldsController { path: PathBuf, pid: u32 },
+    #[error("cgroup name {0:?} must not contain '..'")]
+    DotDot(String),
+}
+
+/// The cgroup v2 mount point, read from mountinfo (hybrid hosts mount it at
+/// /sys/fs/cgroup/unified, pure v2 hosts at /sys/fs/cgroup).
+pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
+    let info = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|source| CgroupError::Io { path: "/proc/self/mountinfo".into(), source })?;
+    parse_cgroup2_mount(&info).ok_or(CgroupError::NoCgroup2)
+}
+
+fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        // Fields: id parent major:minor root mountpoint options [optional...] - fstype ...
+        let (left, right) = line.split_once(" - ")?;
+        let fstype = right.split_whitespace().next()?;
+        if fstype != "cgroup2" {
+            return None;
+        }
+        Some(PathBuf::from(left.split_whitespace().nth(4)?))
+    })
+}
+
+/// Resolves a user-given cgroup: absolute paths must lie inside the mount, anything
+/// else is relative to the mount (`agent.slice` -> `/sys/fs/cgroup/agent.slice`).
+pub fn resolve(mount: &Path, name: &str) -> Result<PathBuf, CgroupError> {
+    let given = Path::new(name);
+    if given.components().any(|c| c == Component::ParentDir) {
+        return Err(CgroupError::DotDot(name.to_string()));
+    }
+    let path = if given.is_absolute() { given.to_path_buf() } else { mount.join(given) };
+    if !path.starts_with(mount) {
+        return Err(CgroupError::OutsideMount(path, mount.to_path_buf()));
+    }
+    Ok(path)
+}
+
+/// The cgroup path relative to the mount, with a leading slash (`/agent.slice`).
+pub fn display_path(mount: &Path, path: &Path) -> String {
+    match path.strip_prefix(mount) {
+        Ok(rel) => format!("/{}", rel.display()),
+        Err(_) => path.display().to_string(),
+    }
+}
+
+pub fn cgroup_id(path: &Path) -> Result<u64, CgroupError> {
+    fs::metadata(path)
+        .map(|m| m.ino())
+        .map_err(|source| CgroupError::Io { path: path.to_path_buf(), source })
+}
+
+pub fn create(path: &Path) -> Result<(), CgroupError> {
+    fs::create_dir_all(path).map_err(|source| CgroupError::Io { path: path.to_path_buf(), source })
+}
+
+/// Refuses the root and any cgroup that contains this process: confining those would
+/// confine the host or the controller itself.
+pub fn check_safe_to_confine(mount: &Path, path: &Path) -> Result<(), CgroupError> {
+    if path == mount {
+        return Err(CgroupError::Root(path.to_path_buf()));
+    }
+    let own = own_cgroup(mount)?;
+    if own.starts_with(path) {
+        return Err(CgroupError::HoldsController { path: path.to_path_buf(), pid: std::process::id() });
+    }
+    Ok(())
+}
+
+/// This process's cgroup v2 directory.
+pub fn own_cgroup(mount: &Path) -> Result<PathBuf, CgroupError> {
+    let text = fs::read_to_string("/proc/self/cgroup")
+        .map_err(|source| CgroupError::Io { path: "/proc/self/cgroup".into(), source })?;
+    let rel = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap_or("/")
+        .trim_start_matches('/');
+    Ok(mount.join(rel))
+}
+
+/// Moves a process into a cgroup.
+pub fn add_process(path: &Path, pid: u32) -> Result<(), CgroupError> {
+    let procs = path.join("cgroup.procs");
+    fs::write(&procs, pid.to_string()).map_err(|source| CgroupError::Io { path: procs, source })
+}
+
+/// Removes a cgroup we created. Processes still inside are moved to the parent first
+/// (the directory cannot be removed while populated).
+pub fn remove(path: &Path) -> Result<(), CgroupError> {
+    if let (Some(parent), Ok(procs)) = (path.parent(), fs::read_to_string(path.join("cgroup.procs"))) {
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+            let _ = add_process(parent, pid);
+        }
+    }
+    match fs::remove_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(CgroupError::Io { path: path.to_path_buf(), source }),
+    }
+}
+
+/// Finds the cgroup directory whose id is `id` (a bounded walk of the tree); used to
+/// name the cgroup of an event that came from below an attach point.
+pub fn find_by_id(mount: &Path, under: &Path, id: u64) -> Option<PathBuf> {
+    const MAX_VISITED: usize = 10_000; // a walk, not a crawl of a huge host
+    let mut stack = vec![under.to_path_buf()];
+    let mut visited = 0;
+    while let Some(dir) = stack.pop() {
+        visited += 1;
+        if visited > MAX_VISITED {
+            return None;
+        }
+        if cgroup_id(&dir).ok() == Some(id) {
+            return Some(dir);
+        }
+        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                stack.push(entry.path());
+            }
+        }
+    }
+    let _ = mount;
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_on_hybrid_and_unified_hosts() {
+        let hybrid = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
+                      41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+        assert_eq!(parse_cgroup2_mount(hybrid), Some("/sys/fs/cgroup/unified".into()));
+        let unified = "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(parse_cgroup2_mount(unified), Some("/sys/fs/cgroup".into()));
+        assert_eq!(parse_cgroup2_mount("1 2 0:1 / / rw - ext4 /dev/vda rw\n"), None);
+    }
+
+    #[test]
+    fn resolves_relative_and_absolute_names_inside_the_mount() {
+        let mount = Path::new("/sys/fs/cgroup");
+        assert_eq!(resolve(mount, "agent.slice").unwrap(), Path::new("/sys/fs/cgroup/agent.slice"));
+        assert_eq!(resolve(mount, "/sys/fs/cgroup/a/b").unwrap(), Path::new("/sys/fs/cgroup/a/b"));
+        assert!(matches!(resolve(mount, "/etc"), Err(CgroupError::OutsideMount(..))));
+        assert!(matches!(resolve(mount, "a/../../etc"), Err(CgroupError::DotDot(_))));
+        assert_eq!(display_path(mount, Path::new("/sys/fs/cgroup/a/b")), "/a/b");
+    }
+}

@@ -1,0 +1,1 @@
+//! Compiles a validated `Policy` into kernel table entries. Pure.

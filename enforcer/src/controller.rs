@@ -1,0 +1,273 @@
+//! The commands users script against: attach, run, detach, status. Each puts the pure
+//! policy/compile output and the loader together; nothing here speaks bpf(2) itself.
+use std::{
+    ffi::CString,
+    os::unix::process::{CommandExt as _, ExitStatusExt as _},
+    path::{Path, PathBuf},
+    process::ExitStatus,
+    sync::atomic::Ordering,
+};
+
+use anyhow::{Context as _, bail};
+use aya::maps::{MapData, RingBuf};
+use serde_json::json;
+use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
+use tracing::{info, warn};
+
+use crate::{
+    cgroup,
+    compile::CompiledPolicy,
+    events::{self, Enricher, Sink},
+    loader::{self, ProgramSet, StateLock, Tables},
+};
+use enforcer_common::{hook, verdict};
+
+/// A cgroup under enforcement by this controller.
+pub struct Confinement {
+    pub mount: PathBuf,
+    pub path: PathBuf,
+    pub id: u64,
+    pub display: String,
+    pub slot: u32,
+    pub programs: ProgramSet,
+}
+
+/// Writes the policy for the cgroup, then attaches the hooks (policy first, so the
+/// first decision already has it). A re-attach replaces the policy in one map update.
+pub fn confine(mount: &Path, path: &Path, compiled: &CompiledPolicy) -> anyhow::Result<Confinement> {
+    cgroup::check_safe_to_confine(mount, path)?;
+    cgroup::create(path)?;
+    let id = cgroup::cgroup_id(path)?;
+    let shown = cgroup::display_path(mount, path);
+    let _lock = StateLock::acquire()?;
+    let programs = ProgramSet::load()?;
+    let mut tables = Tables::open_pinned()?;
+    let had_links = loader::pinned_link_count(id) > 0;
+    let slot = tables.install(id, &shown, compiled)?;
+    if let Err(e) = programs.attach(path, id) {
+        if !had_links {
+            // Nothing of ours was enforcing here before: leave no policy behind.
+            let _ = loader::detach_links(id);
+            let _ = tables.uninstall(id);
+        }
+        return Err(e.into());
+    }
+    info!(cgroup = %shown, cgroup_id = id, policy = %compiled.name, slot, "attached");
+    Ok(Confinement { mount: mount.into(), path: path.into(), id, display: shown, slot, programs })
+}
+
+/// Removes enforcement from a cgroup: links first (the programs stop), then the policy.
+pub fn release(id: u64) -> anyhow::Result<(usize, Option<u32>)> {
+    let _lock = StateLock::acquire()?;
+    let links = loader::detach_links(id)?;
+    let slot = match Tables::open_pinned() {
+        Ok(mut tables) => {
+            let slot = tables.uninstall(id)?;
+            if tables.confined().is_empty() {
+                drop(tables);
+                // Nothing is confined any more: leave no pins behind.
+                loader::remove_pins()?;
+            }
+            slot
+        }
+        Err(loader::LoaderError::NotAttached) => None,
+        Err(e) => return Err(e.into()),
+    };
+    Ok((links, slot))
+}
+
+/// Reads decision events from the ring buffer and writes them until `stop` resolves.
+pub async fn stream_events(
+    ring: RingBuf<MapData>,
+    mut enricher: Enricher,
+    mut sink: Sink,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    // SAFETY: the RingBuf owns its fd and lives inside the AsyncFd, so the fd stays open
+    // for as long as it is registered.
+    let mut ring = unsafe { AsyncFd::register(ring) }
+        .map_err(|e| anyhow::anyhow!("polling the events ring buffer: {e}"))?;
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("events ring buffer")?;
+                drain(guard.get_inner_mut(), &mut enricher, &mut sink);
+                guard.clear_ready();
+            }
+            () = &mut stop => break,
+        }
+    }
+    // Decisions made just before the stop are still in the ring.
+    drain(ring.get_mut(), &mut enricher, &mut sink);
+    Ok(())
+}
+
+fn drain(ring: &mut RingBuf<MapData>, enricher: &mut Enricher, sink: &mut Sink) {
+    while let Some(item) = ring.next() {
+        let Some(ev) = events::decode(&item) else { continue };
+        if sink.write_event(&enricher.to_ecs(&ev)).is_err() {
+            crate::EVENT_SINK_ERRORS.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+pub async fn terminated() {
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+}
+
+pub async fn start_metrics(addr: Option<&str>) -> anyhow::Result<()> {
+    if let Some(addr) = addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening for metrics on {addr}"))?;
+        info!(addr = %listener.local_addr()?, "serving metrics at /metrics");
+        tokio::spawn(crate::metrics::serve(listener));
+    }
+    Ok(())
+}
+
+/// The user a confined command runs as.
+pub struct RunAs {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<libc::gid_t>,
+    pub home: String,
+}
+
+pub fn lookup_user(name: &str) -> anyhow::Result<RunAs> {
+    let c_name = CString::new(name).context("user name contains NUL")?;
+    let pw = unsafe { libc::getpwnam(c_name.as_ptr()) };
+    if pw.is_null() {
+        bail!("no such user: {name}");
+    }
+    let (uid, gid, home) = unsafe {
+        ((*pw).pw_uid, (*pw).pw_gid, std::ffi::CStr::from_ptr((*pw).pw_dir).to_string_lossy().into_owned())
+    };
+    let mut count: libc::c_int = 64;
+    let mut groups = vec![0 as libc::gid_t; count as usize];
+    if unsafe { libc::getgrouplist(c_name.as_ptr(), gid, groups.as_mut_ptr(), &mut count) } < 0 {
+        groups.resize(count as usize, 0);
+        unsafe { libc::getgrouplist(c_name.as_ptr(), gid, groups.as_mut_ptr(), &mut count) };
+    }
+    groups.truncate(count.max(0) as usize);
+    Ok(RunAs { name: name.into(), uid, gid, groups, home })
+}
+
+/// Who `run` runs the command as: `--user`, else the sudo caller, else the caller.
+pub fn choose_run_as(user: Option<&str>) -> anyhow::Result<Option<RunAs>> {
+    if let Some(name) = user {
+        return lookup_user(name).map(Some);
+    }
+    if let Ok(name) = std::env::var("SUDO_USER") {
+        if !name.is_empty() && name != "root" {
+            return lookup_user(&name).map(Some);
+        }
+    }
+    if unsafe { libc::geteuid() } == 0 {
+        warn!(
+            "no unprivileged user known (no --user, no SUDO_USER): the command runs as root, \
+             and root can leave its cgroup or detach the programs; pass --user NAME"
+        );
+    }
+    Ok(None)
+}
+
+/// Starts `argv` inside the cgroup: the child joins it between fork and exec, so the
+/// command's first instruction already runs confined; then it drops to `run_as`.
+pub fn spawn_confined(
+    cgroup_path: &Path,
+    argv: &[String],
+    run_as: Option<&RunAs>,
+) -> anyhow::Result<std::process::Child> {
+    let procs = CString::new(cgroup_path.join("cgroup.procs").as_os_str().as_encoded_bytes())
+        .context("cgroup path contains NUL")?;
+    let mut cmd = std::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..]);
+    let ids = run_as.map(|u| (u.uid, u.gid, u.groups.clone()));
+    if let Some(user) = run_as {
+        cmd.env("HOME", &user.home).env("USER", &user.name).env("LOGNAME", &user.name);
+    }
+    // SAFETY: only async-signal-safe calls (open, write, close, set*id) after fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // "0" moves the writing process itself.
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            if written != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some((uid, gid, groups)) = &ids {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(*gid) != 0
+                    || libc::setuid(*uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().with_context(|| format!("starting {}", argv[0]))
+}
+
+/// Kills what is left in a cgroup we created and removes it.
+pub fn remove_run_cgroup(path: &Path) {
+    let _ = std::fs::write(path.join("cgroup.kill"), "1");
+    for _ in 0..100 {
+        let empty = std::fs::read_to_string(path.join("cgroup.procs")).map(|p| p.trim().is_empty()).unwrap_or(true);
+        if empty {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    if let Err(e) = cgroup::remove(path) {
+        warn!(error = %e, "could not remove the run cgroup");
+    }
+}
+
+/// Exit code of the confined command, shell style (128 + signal when killed).
+pub fn exit_code(status: ExitStatus) -> i32 {
+    status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
+/// `status`: every confined cgroup with its policy, links and decisions.
+pub fn status_report() -> anyhow::Result<serde_json::Value> {
+    let tables = match Tables::open_pinned() {
+        Ok(t) => t,
+        Err(loader::LoaderError::NotAttached) => return Ok(json!({ "attached": [] })),
+        Err(e) => return Err(e.into()),
+    };
+    let mut attached = Vec::new();
+    for (cgroup_id, slot) in tables.confined() {
+        let config = tables.config(slot);
+        let info = loader::read_slot_info(slot).unwrap_or_default();
+        let mut decisions = serde_json::Map::new();
+        for (h, v, n) in tables.decisions(slot) {
+            if n > 0 {
+                decisions.insert(format!("{}/{}", hook::name(h), verdict::name(v)), json!(n));
+            }
+        }
+        attached.push(json!({
+            "cgroup": info.cgroup,
+            "cgroup_id": cgroup_id,
+            "slot": slot,
+            "policy": config.map(|c| c.name_str().to_string()),
+            "mode": info.mode,
+            "links": loader::pinned_link_count(cgroup_id),
+            "decisions": decisions,
+        }));
+    }
+    Ok(json!({
+        "attached": attached,
+        "events_lost": tables.counter(enforcer_common::counter::EVENTS_LOST),
+        "fail_closed": tables.counter(enforcer_common::counter::MISSING_POLICY),
+    }))
+}

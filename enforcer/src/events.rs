@@ -1,0 +1,230 @@
+//! Turns kernel decision records into Elastic Common Schema JSON lines and writes them
+//! to the chosen sink.
+use std::{
+    collections::HashMap,
+    io::{self, Write},
+    net::{Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use enforcer_common::{NetEvent, family, hook, verdict};
+use serde_json::{Value, json};
+
+use crate::{cgroup, loader};
+
+/// Decodes one ring-buffer record; `None` for a record of the wrong size.
+pub fn decode(bytes: &[u8]) -> Option<NetEvent> {
+    (bytes.len() >= size_of::<NetEvent>())
+        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<NetEvent>()) })
+}
+
+/// What the kernel record does not carry: names of cgroups, policies and rules, the
+/// wall-clock time, the host.
+pub struct Enricher {
+    mount: PathBuf,
+    attach_point: PathBuf,
+    boot_to_unix_ns: i128,
+    host: String,
+    cgroup_paths: HashMap<u64, String>,
+    slots: HashMap<u32, loader::SlotInfo>,
+}
+
+impl Enricher {
+    pub fn new(mount: &Path, attach_point: &Path) -> Self {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default();
+        Self {
+            mount: mount.into(),
+            attach_point: attach_point.into(),
+            boot_to_unix_ns: boot_to_unix_offset_ns(),
+            host,
+            cgroup_paths: HashMap::new(),
+            slots: HashMap::new(),
+        }
+    }
+
+    fn cgroup_path(&mut self, id: u64) -> String {
+        if let Some(p) = self.cgroup_paths.get(&id) {
+            return p.clone();
+        }
+        let path = cgroup::find_by_id(&self.mount, &self.attach_point, id)
+            .map(|p| cgroup::display_path(&self.mount, &p))
+            .unwrap_or_else(|| format!("cgroup-id:{id}"));
+        self.cgroup_paths.insert(id, path.clone());
+        path
+    }
+
+    fn slot(&mut self, slot: u32) -> loader::SlotInfo {
+        if let Some(info) = self.slots.get(&slot) {
+            return info.clone();
+        }
+        let info = loader::read_slot_info(slot).unwrap_or_default();
+        if !info.policy.is_empty() {
+            self.slots.insert(slot, info.clone());
+        }
+        info
+    }
+
+    /// Forget cached slot names (after this controller replaced a policy).
+    pub fn forget_slots(&mut self) {
+        self.slots.clear();
+    }
+
+    pub fn to_ecs(&mut self, ev: &NetEvent) -> Value {
+        let info = self.slot(ev.slot);
+        let unix_ns = ev.boot_ns as i128 + self.boot_to_unix_ns;
+        let decided = ev.verdict == verdict::DENY;
+        let rule_name = match ev.rule_id {
+            0 => "default".to_string(),
+            id => info.rules.get(id as usize - 1).cloned().unwrap_or_else(|| format!("rule-{id}")),
+        };
+        let comm_len = ev.comm.iter().position(|&b| b == 0).unwrap_or(ev.comm.len());
+        let (action, transport) = match ev.hook {
+            hook::SOCK_CREATE => ("socket-create", socket_transport(ev.sock_type, ev.protocol)),
+            hook::SENDMSG4 | hook::SENDMSG6 => ("network-sendmsg", ip_transport(ev.protocol)),
+            _ => ("network-connect", ip_transport(ev.protocol)),
+        };
+        let mut doc = json!({
+            "@timestamp": rfc3339_nanos(unix_ns),
+            "event": {
+                "kind": "event",
+                "category": ["network"],
+                "action": action,
+                "type": [if decided { "denied" } else { "allowed" }],
+                "outcome": if decided { "failure" } else { "success" },
+            },
+            "enforcer": { "verdict": verdict::name(ev.verdict), "hook": hook::name(ev.hook), "slot": ev.slot },
+            "process": {
+                "pid": ev.pid,
+                "thread": { "id": ev.tid },
+                "name": String::from_utf8_lossy(&ev.comm[..comm_len]),
+                "user": { "id": ev.uid.to_string() },
+            },
+            "network": { "transport": transport, "type": if ev.family == family::INET6 { "ipv6" } else { "ipv4" } },
+            "policy": { "name": info.policy, "mode": info.mode },
+            "rule": { "name": rule_name, "id": ev.rule_id },
+            "cgroup": { "path": self.cgroup_path(ev.cgroup_id), "id": ev.cgroup_id },
+            "host": { "name": self.host },
+        });
+        if ev.hook != hook::SOCK_CREATE {
+            doc["destination"] = json!({ "ip": destination_ip(ev), "port": ev.port });
+        }
+        doc
+    }
+}
+
+fn destination_ip(ev: &NetEvent) -> String {
+    if ev.family == family::INET6 {
+        Ipv6Addr::from(ev.addr).to_string()
+    } else {
+        Ipv4Addr::new(ev.addr[0], ev.addr[1], ev.addr[2], ev.addr[3]).to_string()
+    }
+}
+
+fn ip_transport(protocol: u8) -> String {
+    match protocol {
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        1 => "icmp".into(),
+        58 => "ipv6-icmp".into(),
+        other => format!("ip-proto-{other}"),
+    }
+}
+
+fn socket_transport(sock_type: u16, protocol: u8) -> String {
+    if sock_type == 3 { "raw".into() } else { ip_transport(protocol) }
+}
+
+/// CLOCK_REALTIME - CLOCK_BOOTTIME, to turn the kernel's boot-time stamps into dates.
+fn boot_to_unix_offset_ns() -> i128 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    let boot = ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128;
+    let unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0);
+    unix - boot
+}
+
+/// `2026-11-23T06:10:00.123456789Z` from nanoseconds since the epoch.
+pub fn rfc3339_nanos(unix_ns: i128) -> String {
+    let secs = unix_ns.div_euclid(1_000_000_000) as i64;
+    let nanos = unix_ns.rem_euclid(1_000_000_000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Where event lines go.
+pub enum Sink {
+    Stdout,
+    Stderr,
+    File(std::fs::File),
+}
+
+impl Sink {
+    /// `-` is stdout; anything else a file opened for appending.
+    pub fn open(target: &str) -> io::Result<Self> {
+        if target == "-" {
+            return Ok(Self::Stdout);
+        }
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(target)?;
+        Ok(Self::File(file))
+    }
+
+    pub fn write_event(&mut self, doc: &Value) -> io::Result<()> {
+        let mut line = serde_json::to_vec(doc).expect("serializable");
+        line.push(b'\n');
+        match self {
+            Self::Stdout => {
+                let mut out = io::stdout().lock();
+                out.write_all(&line)?;
+                out.flush()
+            }
+            Self::Stderr => io::stderr().lock().write_all(&line),
+            Self::File(f) => f.write_all(&line),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_timestamps_as_rfc3339() {
+        assert_eq!(rfc3339_nanos(0), "1970-01-01T00:00:00.000000000Z");
+        // 2024-02-29T12:34:56.000000007Z, a leap day.
+        assert_eq!(rfc3339_nanos(1_709_210_096_000_000_007), "2024-02-29T12:34:56.000000007Z");
+    }
+
+    #[test]
+    fn decodes_records_of_the_right_size_only() {
+        let ev = NetEvent {
+            boot_ns: 1, cgroup_id: 2, tid: 3, pid: 4, uid: 5, slot: 6, rule_id: 7,
+            hook: hook::CONNECT4, verdict: verdict::DENY, family: family::INET, protocol: 6,
+            port: 443, sock_type: 1, addr: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0", _pad: 0,
+        };
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&ev as *const NetEvent).cast::<u8>(), size_of::<NetEvent>())
+        };
+        assert_eq!(decode(bytes), Some(ev));
+        assert_eq!(decode(&bytes[..10]), None);
+        assert_eq!(destination_ip(&ev), "10.0.0.1");
+    }
+}

@@ -1,0 +1,20 @@
+//! enforcer: the user-space controller. Pure modules (`policy`, `compile`) turn YAML
+//! into kernel table entries and never touch the kernel; `loader` is the only module
+//! that uses aya; the rest wire them to the command line, events and metrics.
+pub mod cgroup;
+pub mod compile;
+pub mod controller;
+pub mod events;
+pub mod loader;
+pub mod metrics;
+pub mod policy;
+pub mod probe;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Events that a sink failed to write (counted, never blocking the kernel path).
+pub static EVENT_SINK_ERRORS: AtomicU64 = AtomicU64::new(0);
+
+pub fn events_sink_errors() -> u64 {
+    EVENT_SINK_ERRORS.load(Ordering::Relaxed)
+}

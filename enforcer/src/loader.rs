@@ -1,0 +1,463 @@
+//! The only module that touches the kernel's BPF objects: loads the programs, pins
+//! maps and links under `/sys/fs/bpf/enforcer`, writes compiled policies into the
+//! tables, and reads the counters.
+//!
+//! Pin layout (everything survives the controller):
+//! - `maps/ENF_*`: the policy tables and counters, shared by every attach;
+//! - `cgroups/<cgroup id>/<program>_<stamp>`: one bpf_link per hook and attach.
+//!
+//! Ordering keeps enforcement fail-closed: a policy is written to a free slot and only
+//! then is the cgroup flipped to it; new links are pinned before old ones are removed.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    ffi::CString,
+    fs::{self, File},
+    io,
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues, RingBuf, lpm_trie::Key},
+    programs::{CgroupSock, CgroupSockAddr},
+};
+use enforcer_common::{
+    Net4Key, Net6Key, PolicyConfig, PrefixClauses, SLOT_PREFIX_BITS, decision_index, hook, limits,
+    names, verdict,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::compile::CompiledPolicy;
+
+pub const PIN_ROOT: &str = "/sys/fs/bpf/enforcer";
+/// Names of rules and the cgroup of each slot, for events and `status` (bpffs holds
+/// only BPF objects, so this sits beside it in /run).
+pub const STATE_DIR: &str = "/run/enforcer";
+
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error(
+        "this enforcer binary was built with AYA_BUILD_SKIP=1 and holds no kernel programs; \
+         rebuild without it"
+    )]
+    NoPrograms,
+    #[error("loading the eBPF object")]
+    Load(#[from] aya::EbpfError),
+    #[error("loading program {name}")]
+    Program { name: &'static str, #[source] source: aya::programs::ProgramError },
+    #[error("map {name}")]
+    Map { name: &'static str, #[source] source: aya::maps::MapError },
+    #[error("{what} {path}")]
+    Io { what: &'static str, path: PathBuf, #[source] source: io::Error },
+    #[error("attaching {program} to {cgroup}")]
+    Attach { program: &'static str, cgroup: PathBuf, #[source] source: io::Error },
+    #[error("all {0} policy slots are in use; detach a cgroup first")]
+    NoFreeSlot(u32),
+    #[error(
+        "the policy tables are full while writing {table}; the previous policy stays in force"
+    )]
+    TableFull { table: &'static str, #[source] source: aya::maps::MapError },
+    #[error("enforcer has no pinned state at {PIN_ROOT}: nothing is attached")]
+    NotAttached,
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> LoaderError + 'a {
+    move |source| LoaderError::Io { what, path: path.to_path_buf(), source }
+}
+
+/// The hooks and the kernel attach type of each (uapi `enum bpf_attach_type`).
+const HOOKS: [(&str, u32); 5] = [
+    (names::PROG_CONNECT4, 10),    // BPF_CGROUP_INET4_CONNECT
+    (names::PROG_CONNECT6, 11),    // BPF_CGROUP_INET6_CONNECT
+    (names::PROG_SENDMSG4, 14),    // BPF_CGROUP_UDP4_SENDMSG
+    (names::PROG_SENDMSG6, 15),    // BPF_CGROUP_UDP6_SENDMSG
+    (names::PROG_SOCK_CREATE, 2),  // BPF_CGROUP_INET_SOCK_CREATE
+];
+
+pub fn maps_dir() -> PathBuf {
+    Path::new(PIN_ROOT).join("maps")
+}
+
+pub fn links_dir(cgroup_id: u64) -> PathBuf {
+    Path::new(PIN_ROOT).join("cgroups").join(cgroup_id.to_string())
+}
+
+/// Mounts bpffs at /sys/fs/bpf when it is not mounted (pins need it).
+pub fn ensure_bpffs() -> Result<(), LoaderError> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let target = Path::new("/sys/fs/bpf");
+    let c_target = CString::new("/sys/fs/bpf").expect("static path");
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c_target.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    fs::create_dir_all(target).map_err(io_err("creating", target))?;
+    let fstype = CString::new("bpf").expect("static");
+    let rc = unsafe {
+        libc::mount(fstype.as_ptr(), c_target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+    };
+    if rc != 0 {
+        return Err(LoaderError::Io { what: "mounting bpffs at", path: target.into(), source: io::Error::last_os_error() });
+    }
+    Ok(())
+}
+
+/// An exclusive lock over the pinned state for the duration of an attach or detach,
+/// so that two controllers never pick the same slot.
+pub struct StateLock {
+    /// Held, never read: the flock lasts as long as the open file.
+    _file: File,
+}
+
+impl StateLock {
+    pub fn acquire() -> Result<Self, LoaderError> {
+        fs::create_dir_all(STATE_DIR).map_err(io_err("creating", Path::new(STATE_DIR)))?;
+        let path = Path::new(STATE_DIR).join("lock");
+        let file = File::create(&path).map_err(io_err("opening", &path))?;
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(LoaderError::Io { what: "locking", path, source: io::Error::last_os_error() });
+        }
+        Ok(Self { _file: file })
+    }
+}
+
+/// One loaded set of programs with its own events ring buffer.
+pub struct ProgramSet {
+    ebpf: Ebpf,
+}
+
+impl ProgramSet {
+    /// Loads the programs; the tables are opened from their pins or created and pinned.
+    pub fn load() -> Result<Self, LoaderError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(LoaderError::NoPrograms);
+        }
+        ensure_bpffs()?;
+        let dir = maps_dir();
+        fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&dir).load(EBPF_OBJECT)?;
+        for (name, _) in HOOKS {
+            let program = ebpf.program_mut(name).ok_or(LoaderError::Program {
+                name,
+                source: aya::programs::ProgramError::UnexpectedProgramType,
+            })?;
+            let result = if name == names::PROG_SOCK_CREATE {
+                <&mut CgroupSock>::try_from(program).and_then(|p| p.load())
+            } else {
+                <&mut CgroupSockAddr>::try_from(program).and_then(|p| p.load())
+            };
+            result.map_err(|source| LoaderError::Program { name, source })?;
+        }
+        Ok(Self { ebpf })
+    }
+
+    /// Attaches every hook to the cgroup and pins the links; links of an earlier attach
+    /// of the same cgroup are removed only after the new ones are in place.
+    pub fn attach(&self, cgroup: &Path, cgroup_id: u64) -> Result<(), LoaderError> {
+        let cgroup_file = File::open(cgroup).map_err(io_err("opening cgroup", cgroup))?;
+        let dir = links_dir(cgroup_id);
+        fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+        let old: Vec<PathBuf> = fs::read_dir(&dir)
+            .map_err(io_err("reading", &dir))?
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        for (name, attach_type) in HOOKS {
+            let program = self.ebpf.program(name).expect("loaded in ProgramSet::load");
+            let prog_fd = program.fd().map_err(|source| LoaderError::Program { name, source })?;
+            let link = raw_bpf::link_create(prog_fd.as_fd().as_raw_fd(), cgroup_file.as_raw_fd(), attach_type)
+                .map_err(|source| LoaderError::Attach { program: name, cgroup: cgroup.into(), source })?;
+            // bpffs refuses names with a dot.
+            let pin = dir.join(format!("{name}_{stamp}"));
+            raw_bpf::obj_pin(link.as_raw_fd(), &pin).map_err(io_err("pinning link at", &pin))?;
+        }
+        for path in old {
+            fs::remove_file(&path).map_err(io_err("removing old link pin", &path))?;
+        }
+        Ok(())
+    }
+
+    /// The events ring buffer of this program set.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, LoaderError> {
+        let map = self.ebpf.take_map(names::MAP_EVENTS).ok_or(LoaderError::Map {
+            name: names::MAP_EVENTS,
+            source: aya::maps::MapError::InvalidName { name: names::MAP_EVENTS.into() },
+        })?;
+        RingBuf::try_from(map).map_err(|source| LoaderError::Map { name: names::MAP_EVENTS, source })
+    }
+}
+
+/// Removes the links of a cgroup: its programs stop running at once.
+pub fn detach_links(cgroup_id: u64) -> Result<usize, LoaderError> {
+    let dir = links_dir(cgroup_id);
+    let mut removed = 0;
+    match fs::read_dir(&dir) {
+        Ok(entries) => {
+            for entry in entries.flatten() {
+                fs::remove_file(entry.path()).map_err(io_err("removing link pin", &entry.path()))?;
+                removed += 1;
+            }
+            fs::remove_dir(&dir).map_err(io_err("removing", &dir))?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => return Err(LoaderError::Io { what: "reading", path: dir, source }),
+    }
+    Ok(removed)
+}
+
+/// Removes the shared map pins and the pin root. Only when no cgroup is confined (the
+/// caller holds the `StateLock` and checked); a running program set keeps its maps.
+pub fn remove_pins() -> Result<(), LoaderError> {
+    let dir = maps_dir();
+    if let Ok(entries) = fs::read_dir(&dir) {
+        for entry in entries.flatten() {
+            fs::remove_file(entry.path()).map_err(io_err("removing map pin", &entry.path()))?;
+        }
+    }
+    for d in [dir, Path::new(PIN_ROOT).join("cgroups"), PathBuf::from(PIN_ROOT)] {
+        match fs::remove_dir(&d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            // Another cgroup's link directory appeared: keep the root.
+            Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => return Ok(()),
+            Err(source) => return Err(LoaderError::Io { what: "removing", path: d, source }),
+        }
+    }
+    Ok(())
+}
+
+/// Number of pinned links of a cgroup.
+pub fn pinned_link_count(cgroup_id: u64) -> usize {
+    fs::read_dir(links_dir(cgroup_id)).map(|d| d.count()).unwrap_or(0)
+}
+
+/// What `status` and the event decoder know about a slot.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SlotInfo {
+    pub policy: String,
+    pub mode: String,
+    pub cgroup: String,
+    pub rules: Vec<String>,
+}
+
+fn slot_info_path(slot: u32) -> PathBuf {
+    Path::new(STATE_DIR).join("slots").join(format!("{slot}.json"))
+}
+
+pub fn read_slot_info(slot: u32) -> Option<SlotInfo> {
+    serde_json::from_slice(&fs::read(slot_info_path(slot)).ok()?).ok()
+}
+
+/// The pinned policy tables and counters.
+pub struct Tables {
+    cgroups: HashMap<MapData, u64, u32>,
+    policies: Array<MapData, PolicyConfig>,
+    net4: LpmTrie<MapData, Net4Key, PrefixClauses>,
+    net6: LpmTrie<MapData, Net6Key, PrefixClauses>,
+    decisions: PerCpuArray<MapData, u64>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+fn open_pinned_map(name: &'static str) -> Result<Map, LoaderError> {
+    let path = maps_dir().join(name);
+    if !path.exists() {
+        return Err(LoaderError::NotAttached);
+    }
+    let data = MapData::from_pin(&path).map_err(|source| LoaderError::Map { name, source })?;
+    Map::from_map_data(data).map_err(|source| LoaderError::Map { name, source })
+}
+
+macro_rules! typed_map {
+    ($name:expr) => {{
+        let name = $name;
+        open_pinned_map(name)?.try_into().map_err(|source| LoaderError::Map { name, source })?
+    }};
+}
+
+impl Tables {
+    pub fn open_pinned() -> Result<Self, LoaderError> {
+        Ok(Self {
+            cgroups: typed_map!(names::MAP_CGROUPS),
+            policies: typed_map!(names::MAP_POLICIES),
+            net4: typed_map!(names::MAP_NET4),
+            net6: typed_map!(names::MAP_NET6),
+            decisions: typed_map!(names::MAP_DECISIONS),
+            counters: typed_map!(names::MAP_COUNTERS),
+        })
+    }
+
+    /// cgroup id -> slot, for every confined cgroup.
+    pub fn confined(&self) -> BTreeMap<u64, u32> {
+        self.cgroups.iter().flatten().collect()
+    }
+
+    pub fn slot_of(&self, cgroup_id: u64) -> Option<u32> {
+        self.cgroups.get(&cgroup_id, 0).ok()
+    }
+
+    pub fn config(&self, slot: u32) -> Option<PolicyConfig> {
+        self.policies.get(&slot, 0).ok().filter(|c| c.in_use != 0)
+    }
+
+    /// Writes the policy into a free slot, then points the cgroup at it, then frees the
+    /// slot the cgroup had. On any error the new slot is cleared and the cgroup keeps
+    /// its previous policy. Call with the `StateLock` held.
+    pub fn install(
+        &mut self,
+        cgroup_id: u64,
+        cgroup_display: &str,
+        compiled: &CompiledPolicy,
+    ) -> Result<u32, LoaderError> {
+        let used: BTreeSet<u32> = self.confined().into_values().collect();
+        let slot = (1..limits::MAX_POLICY_SLOTS)
+            .find(|s| !used.contains(s))
+            .ok_or(LoaderError::NoFreeSlot(limits::MAX_POLICY_SLOTS - 1))?;
+        // A slot nobody points at may hold leftovers of a controller that died mid-write.
+        self.clear_slot(slot)?;
+        if let Err(e) = self.write_slot(slot, compiled) {
+            let _ = self.clear_slot(slot);
+            return Err(e);
+        }
+        let info = SlotInfo {
+            policy: compiled.name.clone(),
+            mode: if compiled.config.mode == enforcer_common::mode::AUDIT { "audit" } else { "enforce" }.into(),
+            cgroup: cgroup_display.into(),
+            rules: compiled.rules.iter().map(|r| r.name.clone()).collect(),
+        };
+        let info_path = slot_info_path(slot);
+        if let Some(parent) = info_path.parent() {
+            fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
+        }
+        fs::write(&info_path, serde_json::to_vec_pretty(&info).expect("serializable"))
+            .map_err(io_err("writing", &info_path))?;
+        let previous = self.slot_of(cgroup_id);
+        if let Err(source) = self.cgroups.insert(cgroup_id, slot, 0) {
+            let _ = self.clear_slot(slot);
+            return Err(LoaderError::TableFull { table: names::MAP_CGROUPS, source });
+        }
+        if let Some(old) = previous.filter(|&old| old != slot) {
+            self.clear_slot(old)?;
+        }
+        Ok(slot)
+    }
+
+    fn write_slot(&mut self, slot: u32, compiled: &CompiledPolicy) -> Result<(), LoaderError> {
+        for p in &compiled.net4 {
+            let key = Key::new(SLOT_PREFIX_BITS + p.len as u32, Net4Key { slot, addr: p.addr });
+            self.net4
+                .insert(&key, p.clauses, 0)
+                .map_err(|source| LoaderError::TableFull { table: names::MAP_NET4, source })?;
+        }
+        for p in &compiled.net6 {
+            let key = Key::new(SLOT_PREFIX_BITS + p.len as u32, Net6Key { slot, addr: p.addr });
+            self.net6
+                .insert(&key, p.clauses, 0)
+                .map_err(|source| LoaderError::TableFull { table: names::MAP_NET6, source })?;
+        }
+        self.reset_decisions(slot)?;
+        // The config goes last: a slot is live only once its rules are complete.
+        self.policies
+            .set(slot, compiled.config, 0)
+            .map_err(|source| LoaderError::Map { name: names::MAP_POLICIES, source })
+    }
+
+    fn reset_decisions(&mut self, slot: u32) -> Result<(), LoaderError> {
+        let cpus = aya::util::nr_cpus().map_err(|(what, source)| LoaderError::Io { what: "counting CPUs", path: what.into(), source })?;
+        for index in decision_index(slot, 0, 0)..decision_index(slot + 1, 0, 0) {
+            let zeros = PerCpuValues::try_from(vec![0u64; cpus]).expect("non-empty");
+            self.decisions
+                .set(index, zeros, 0)
+                .map_err(|source| LoaderError::Map { name: names::MAP_DECISIONS, source })?;
+        }
+        Ok(())
+    }
+
+    /// Empties a slot: config first (lookups that still reach it fail closed), then
+    /// its prefixes.
+    fn clear_slot(&mut self, slot: u32) -> Result<(), LoaderError> {
+        self.policies
+            .set(slot, PolicyConfig::zeroed(), 0)
+            .map_err(|source| LoaderError::Map { name: names::MAP_POLICIES, source })?;
+        let keys4: Vec<_> = self.net4.keys().flatten().filter(|k| k.data().slot == slot).collect();
+        for key in keys4 {
+            let _ = self.net4.remove(&key);
+        }
+        let keys6: Vec<_> = self.net6.keys().flatten().filter(|k| k.data().slot == slot).collect();
+        for key in keys6 {
+            let _ = self.net6.remove(&key);
+        }
+        let _ = fs::remove_file(slot_info_path(slot));
+        Ok(())
+    }
+
+    /// Forgets a cgroup's policy (after its links are gone).
+    pub fn uninstall(&mut self, cgroup_id: u64) -> Result<Option<u32>, LoaderError> {
+        let Some(slot) = self.slot_of(cgroup_id) else { return Ok(None) };
+        self.cgroups
+            .remove(&cgroup_id)
+            .map_err(|source| LoaderError::Map { name: names::MAP_CGROUPS, source })?;
+        self.clear_slot(slot)?;
+        Ok(Some(slot))
+    }
+
+    fn sum(values: Result<PerCpuValues<u64>, aya::maps::MapError>) -> u64 {
+        values.map(|v| v.iter().sum()).unwrap_or(0)
+    }
+
+    /// Decisions of a slot: `[hook][verdict]`.
+    pub fn decisions(&self, slot: u32) -> Vec<(u8, u8, u64)> {
+        let mut out = Vec::new();
+        for h in 0..hook::COUNT {
+            for v in 0..verdict::COUNT {
+                out.push((h, v, Self::sum(self.decisions.get(&decision_index(slot, h, v), 0))));
+            }
+        }
+        out
+    }
+
+    pub fn counter(&self, index: u32) -> u64 {
+        Self::sum(self.counters.get(&index, 0))
+    }
+}
+
+/// The two bpf(2) commands aya 0.14 does not offer for cgroup links: creating a link
+/// we can pin, and pinning it.
+mod raw_bpf {
+    use std::{ffi::CString, io, os::fd::{FromRawFd as _, OwnedFd, RawFd}, os::unix::ffi::OsStrExt as _, path::Path};
+
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    /// Larger than any `union bpf_attr` member we use; the kernel requires the unused
+    /// tail to be zero.
+    const ATTR_SIZE: usize = 128;
+
+    fn bpf(cmd: libc::c_long, attr: &mut [u8; ATTR_SIZE]) -> io::Result<libc::c_long> {
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), ATTR_SIZE as u32) };
+        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+    }
+
+    pub fn link_create(prog_fd: RawFd, cgroup_fd: RawFd, attach_type: u32) -> io::Result<OwnedFd> {
+        let mut attr = [0u8; ATTR_SIZE];
+        // struct { __u32 prog_fd; __u32 target_fd; __u32 attach_type; __u32 flags; ... }
+        attr[0..4].copy_from_slice(&(prog_fd as u32).to_ne_bytes());
+        attr[4..8].copy_from_slice(&(cgroup_fd as u32).to_ne_bytes());
+        attr[8..12].copy_from_slice(&attach_type.to_ne_bytes());
+        let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    }
+
+    pub fn obj_pin(fd: RawFd, path: &Path) -> io::Result<()> {
+        let c_path = CString::new(path.as_os_str().as_bytes())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let mut attr = [0u8; ATTR_SIZE];
+        // struct { __aligned_u64 pathname; __u32 bpf_fd; __u32 file_flags; ... }
+        attr[0..8].copy_from_slice(&(c_path.as_ptr() as u64).to_ne_bytes());
+        attr[8..12].copy_from_slice(&(fd as u32).to_ne_bytes());
+        bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
+    }
+}

@@ -1,0 +1,263 @@
+//! The `enforcer` command line.
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use enforcer::{
+    cgroup, compile, controller,
+    events::{Enricher, Sink},
+    policy::{self, Mode},
+    probe,
+};
+use tracing::info;
+
+#[derive(Parser)]
+#[command(name = "enforcer", version, about = "eBPF egress enforcer for autonomous AI agents")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Confine a cgroup with a policy, then stream its decision events until SIGINT or
+    /// SIGTERM. Enforcement stays after the controller exits; only `detach` removes it.
+    Attach {
+        /// cgroup path, relative to the cgroup v2 mount (created if missing) or absolute.
+        #[arg(long)]
+        cgroup: String,
+        #[arg(long)]
+        policy: PathBuf,
+        /// Override the policy's mode.
+        #[arg(long)]
+        mode: Option<Mode>,
+        /// Where events go: a file (appended) or - for stdout.
+        #[arg(long, default_value = "-")]
+        events: String,
+        /// Serve Prometheus metrics at http://ADDR/metrics.
+        #[arg(long)]
+        metrics_addr: Option<String>,
+    },
+    /// Run a command in a fresh confined cgroup; exits with the command's status and
+    /// removes the cgroup and its pins afterwards.
+    Run {
+        #[arg(long)]
+        policy: PathBuf,
+        #[arg(long)]
+        mode: Option<Mode>,
+        /// Where events go: a file (appended), - for stdout; default stderr.
+        #[arg(long)]
+        events: Option<String>,
+        /// Run the command as this user (default: SUDO_USER, else the caller).
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        metrics_addr: Option<String>,
+        #[arg(required = true, last = true)]
+        command: Vec<String>,
+    },
+    /// Remove enforcement from a cgroup.
+    Detach {
+        #[arg(long)]
+        cgroup: String,
+    },
+    /// Show confined cgroups, their policies and decision counts.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Policy tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Try network operations and print what the kernel answered (one line each).
+    #[command(hide = true)]
+    Probe {
+        /// tcp:ADDR:PORT, udp:ADDR:PORT, sendto:ADDR:PORT, tfo:ADDR:PORT or raw.
+        #[arg(required = true)]
+        targets: Vec<probe::Probe>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate policy files; exits non-zero on the first error.
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+fn load_policy(path: &PathBuf, mode: Option<Mode>) -> anyhow::Result<compile::CompiledPolicy> {
+    let mut policy = policy::parse_policy_file(path)?;
+    if let Some(mode) = mode {
+        policy.mode = mode;
+    }
+    Ok(compile::compile_policy(&policy).with_context(|| format!("{}", path.display()))?)
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ENFORCER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("enforcer: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Attach { cgroup: name, policy, mode, events, metrics_addr } => {
+            let compiled = load_policy(&policy, mode)?;
+            let mount = cgroup::cgroup2_mount()?;
+            let path = cgroup::resolve(&mount, &name)?;
+            let sink = Sink::open(&events).with_context(|| format!("opening events sink {events}"))?;
+            let mut confinement = controller::confine(&mount, &path, &compiled)?;
+            let ring = confinement.programs.take_events()?;
+            let enricher = Enricher::new(&mount, &path);
+            runtime()?.block_on(async {
+                controller::start_metrics(metrics_addr.as_deref()).await?;
+                controller::stream_events(ring, enricher, sink, controller::terminated()).await
+            })?;
+            info!(cgroup = %confinement.display, "controller stopping; enforcement stays in force until `enforcer detach`");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { policy, mode, events, user, metrics_addr, command } => {
+            let compiled = load_policy(&policy, mode)?;
+            let run_as = controller::choose_run_as(user.as_deref())?;
+            let mount = cgroup::cgroup2_mount()?;
+            let path = mount.join(format!("enforcer-run-{}", std::process::id()));
+            let sink = match events.as_deref() {
+                None => Sink::Stderr,
+                Some(target) => Sink::open(target).with_context(|| format!("opening events sink {target}"))?,
+            };
+            let mut confinement = match controller::confine(&mount, &path, &compiled) {
+                Ok(c) => c,
+                Err(e) => {
+                    controller::remove_run_cgroup(&path);
+                    return Err(e);
+                }
+            };
+            let outcome = (|| -> anyhow::Result<i32> {
+                let ring = confinement.programs.take_events()?;
+                let enricher = Enricher::new(&mount, &path);
+                let mut child = controller::spawn_confined(&path, &command, run_as.as_ref())?;
+                let pid = child.id();
+                runtime()?.block_on(async {
+                    controller::start_metrics(metrics_addr.as_deref()).await?;
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    std::thread::spawn(move || {
+                        let _ = tx.send(child.wait());
+                    });
+                    let mut status = None;
+                    let stop = async {
+                        tokio::pin!(rx);
+                        loop {
+                            tokio::select! {
+                                res = &mut rx => { status = res.ok(); break; }
+                                () = controller::terminated() => {
+                                    // Pass the signal on; the command decides how to end.
+                                    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+                                }
+                            }
+                        }
+                    };
+                    controller::stream_events(ring, enricher, sink, stop).await?;
+                    let status = status.context("lost the command's exit status")?.context("waiting for the command")?;
+                    Ok(controller::exit_code(status))
+                })
+            })();
+            controller::remove_run_cgroup(&path);
+            controller::release(confinement.id)?;
+            let code = outcome?;
+            Ok(ExitCode::from(code.clamp(0, 255) as u8))
+        }
+        Command::Detach { cgroup: name } => {
+            let mount = cgroup::cgroup2_mount()?;
+            let path = cgroup::resolve(&mount, &name)?;
+            let id = cgroup::cgroup_id(&path)?;
+            let (links, slot) = controller::release(id)?;
+            if links == 0 && slot.is_none() {
+                anyhow::bail!("{} is not confined by enforcer", cgroup::display_path(&mount, &path));
+            }
+            info!(cgroup = %cgroup::display_path(&mount, &path), links, "detached");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json } => {
+            let report = controller::status_report()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print_status(&report);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Policy { command: PolicyCommand::Check { files } } => {
+            for file in &files {
+                let compiled = load_policy(file, None)?;
+                println!(
+                    "{}: ok: policy {:?}, {} rules, {} IPv4 and {} IPv6 prefixes",
+                    file.display(),
+                    compiled.name,
+                    compiled.rules.len(),
+                    compiled.net4.len(),
+                    compiled.net6.len()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Probe { targets } => {
+            for target in &targets {
+                println!("{} {}", describe(target), probe::outcome(&probe::run(target)));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn describe(p: &probe::Probe) -> String {
+    match p {
+        probe::Probe::Tcp(a) => format!("tcp:{a}"),
+        probe::Probe::UdpConnect(a) => format!("udp:{a}"),
+        probe::Probe::UdpSendto(a) => format!("sendto:{a}"),
+        probe::Probe::TcpFastOpen(a) => format!("tfo:{a}"),
+        probe::Probe::Raw => "raw".into(),
+    }
+}
+
+fn print_status(report: &serde_json::Value) {
+    let attached = report["attached"].as_array().cloned().unwrap_or_default();
+    if attached.is_empty() {
+        println!("no cgroup is confined");
+        return;
+    }
+    println!("{:<32} {:<20} {:<8} {:>5}  decisions", "CGROUP", "POLICY", "MODE", "LINKS");
+    for a in attached {
+        let decisions = a["decisions"]
+            .as_object()
+            .map(|d| d.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default();
+        println!(
+            "{:<32} {:<20} {:<8} {:>5}  {}",
+            a["cgroup"].as_str().unwrap_or("?"),
+            a["policy"].as_str().unwrap_or("<none>"),
+            a["mode"].as_str().unwrap_or("?"),
+            a["links"],
+            decisions
+        );
+    }
+    println!("events lost: {}   fail-closed denials: {}", report["events_lost"], report["fail_closed"]);
+}

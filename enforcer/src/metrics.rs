@@ -1,0 +1,89 @@
+//! Prometheus metrics, read from the pinned kernel counters at every scrape (so they
+//! survive controller restarts), served as text at `/metrics`.
+use prometheus::{Encoder as _, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::loader::{self, Tables};
+use enforcer_common::{counter, hook, verdict};
+
+/// Renders the current metrics in the Prometheus text format.
+pub fn render() -> String {
+    let registry = Registry::new();
+    let decisions = IntCounterVec::new(
+        Opts::new("enforcer_decisions_total", "Decisions by policy, hook and verdict"),
+        &["policy", "hook", "verdict"],
+    )
+    .expect("valid metric");
+    let lost = IntCounterVec::new(
+        Opts::new("enforcer_events_lost_total", "Events lost: ring buffer full (kernel) or sink error"),
+        &["where"],
+    )
+    .expect("valid metric");
+    let fail_closed = IntCounter::new(
+        "enforcer_fail_closed_total",
+        "Operations denied because a cgroup's policy slot was empty",
+    )
+    .expect("valid metric");
+    let info = IntGaugeVec::new(
+        Opts::new("enforcer_policy_info", "Attached policies (value 1)"),
+        &["policy", "mode", "cgroup"],
+    )
+    .expect("valid metric");
+    for m in [&decisions, &lost] {
+        registry.register(Box::new(m.clone())).expect("unique metric");
+    }
+    registry.register(Box::new(fail_closed.clone())).expect("unique metric");
+    registry.register(Box::new(info.clone())).expect("unique metric");
+
+    if let Ok(tables) = Tables::open_pinned() {
+        for (_, slot) in tables.confined() {
+            let Some(config) = tables.config(slot) else { continue };
+            let slot_info = loader::read_slot_info(slot).unwrap_or_default();
+            let name = config.name_str().to_string();
+            info.with_label_values(&[name.as_str(), slot_info.mode.as_str(), slot_info.cgroup.as_str()]).set(1);
+            for (h, v, count) in tables.decisions(slot) {
+                if count > 0 || v != verdict::AUDIT_DENY {
+                    decisions.with_label_values(&[name.as_str(), hook::name(h), verdict::name(v)]).inc_by(count);
+                }
+            }
+        }
+        lost.with_label_values(&["kernel"]).inc_by(tables.counter(counter::EVENTS_LOST));
+        fail_closed.inc_by(tables.counter(counter::MISSING_POLICY));
+    } else {
+        lost.with_label_values(&["kernel"]).inc_by(0);
+    }
+    lost.with_label_values(&["sink"]).inc_by(crate::events_sink_errors());
+
+    let mut out = Vec::new();
+    TextEncoder::new().encode(&registry.gather(), &mut out).expect("text encoding");
+    String::from_utf8(out).expect("utf-8 metrics")
+}
+
+/// Serves `/metrics` until the task is dropped. A minimal HTTP/1.1 responder: one
+/// request per connection, which is what Prometheus' scraper sends.
+pub async fn serve(listener: tokio::net::TcpListener) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        tokio::spawn(async move {
+            let mut request = Vec::with_capacity(1024);
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let first_line = request.split(|&b| b == b'\r').next().unwrap_or_default();
+            let (status, body) = if first_line.starts_with(b"GET /metrics") {
+                ("200 OK", tokio::task::spawn_blocking(render).await.unwrap_or_default())
+            } else {
+                ("404 Not Found", "not found: try /metrics\n".to_string())
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+        });
+    }
+}

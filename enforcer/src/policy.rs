@@ -1,0 +1,1 @@
+//! Validates a policy: YAML in, `Policy` out. Pure: no kernel, no root.

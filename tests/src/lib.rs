@@ -1,0 +1,307 @@
+//! Harness for the root integration tests: test cgroups and controllers that clean up
+//! on drop (also when a test panics), a probe runner that joins a cgroup before exec,
+//! and loopback servers. Traffic goes to loopback only.
+use std::{
+    ffi::CString,
+    fs,
+    io::{BufRead as _, BufReader},
+    net::{TcpListener, UdpSocket},
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+pub const PIN_ROOT: &str = "/sys/fs/bpf/enforcer";
+
+pub fn enforcer_bin() -> PathBuf {
+    match std::env::var_os("ENFORCER_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/enforcer"),
+    }
+}
+
+/// These tests attach BPF programs: without root they cannot say anything, so they fail
+/// loudly instead of passing silently.
+pub fn require_root() {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let root = status.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    assert!(root, "integration tests need root (run `sudo cargo xtask test`)");
+    assert!(enforcer_bin().exists(), "no enforcer binary at {} (run `cargo xtask test`)", enforcer_bin().display());
+}
+
+pub fn cgroup2_mount() -> PathBuf {
+    let info = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    info.lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            if right.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            Some(PathBuf::from(left.split_whitespace().nth(4)?))
+        })
+        .expect("a cgroup v2 mount")
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn unique(name: &str) -> String {
+    format!("enforcer-test-{name}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A cgroup this test created. On drop: its programs are detached, its processes
+/// killed, and it and its children removed.
+pub struct TestCgroup {
+    pub path: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new(name: &str) -> Self {
+        require_root();
+        let path = cgroup2_mount().join(unique(name));
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        Self { path }
+    }
+
+    pub fn child(&self, name: &str) -> PathBuf {
+        let p = self.path.join(name);
+        fs::create_dir_all(&p).unwrap_or_else(|e| panic!("creating {}: {e}", p.display()));
+        p
+    }
+
+    pub fn id(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt as _;
+        fs::metadata(&self.path).expect("cgroup exists").ino()
+    }
+
+    pub fn arg(&self) -> &str {
+        self.path.to_str().expect("utf-8 path")
+    }
+}
+
+fn remove_tree(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_tree(&e.path());
+            }
+        }
+    }
+    let _ = fs::write(dir.join("cgroup.kill"), "1");
+    for _ in 0..50 {
+        if fs::remove_dir(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = Command::new(enforcer_bin())
+            .args(["detach", "--cgroup", self.arg()])
+            .stderr(Stdio::null())
+            .status();
+        remove_tree(&self.path);
+    }
+}
+
+/// A temporary file removed on drop.
+pub struct TempFile(pub PathBuf);
+
+impl TempFile {
+    pub fn with(name: &str, contents: &str) -> Self {
+        let path = std::env::temp_dir().join(unique(name));
+        fs::write(&path, contents).expect("write temp file");
+        Self(path)
+    }
+    pub fn empty(name: &str) -> Self {
+        Self::with(name, "")
+    }
+    pub fn arg(&self) -> &str {
+        self.0.to_str().expect("utf-8 path")
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+/// A policy document with the given `spec.network` body (indented 4 spaces).
+pub fn policy(name: &str, mode: &str, network: &str) -> TempFile {
+    TempFile::with(
+        "policy.yaml",
+        &format!(
+            "apiVersion: enforcer/v1\nkind: AgentPolicy\nmetadata:\n  name: {name}\nspec:\n  mode: {mode}\n  network:\n{network}"
+        ),
+    )
+}
+
+/// A running `enforcer attach`; SIGTERM on drop.
+pub struct Controller {
+    pub child: Child,
+    pub events: TempFile,
+    pub stderr_lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Controller {
+    pub fn attach(cgroup: &str, policy: &TempFile, extra: &[&str]) -> Self {
+        let events = TempFile::empty("events.jsonl");
+        let mut child = Command::new(enforcer_bin())
+            .args(["attach", "--cgroup", cgroup, "--policy", policy.arg(), "--events", events.arg()])
+            .args(extra)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start enforcer attach");
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr_lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = stderr_lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("attached") {
+                    let _ = tx.send(());
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut controller = Self { child, events, stderr_lines };
+        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            let status = controller.child.try_wait();
+            panic!(
+                "enforcer attach did not report 'attached' within 30 s (exit: {status:?}); stderr:\n{}",
+                controller.stderr_lines.lock().unwrap().join("\n")
+            );
+        }
+        controller
+    }
+
+    pub fn kill9(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+
+    /// Events written so far, parsed.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        read_events(&self.events.0)
+    }
+
+    /// Waits until an event satisfies `pred` (events are written asynchronously).
+    pub fn wait_event(&self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            if let Some(e) = self.events().into_iter().find(|e| pred(e)) {
+                return e;
+            }
+            if start.elapsed() > Duration::from_secs(5) {
+                panic!("expected an event {what}; got:\n{}", fs::read_to_string(&self.events.0).unwrap_or_default());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+pub fn read_events(path: &Path) -> Vec<serde_json::Value> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("event line is not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// Runs a command with its first instruction already inside `cgroup`.
+pub fn command_in(cgroup: &Path, program: &Path) -> Command {
+    let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes()).expect("path");
+    let mut cmd = Command::new(program);
+    // SAFETY: open/write/close only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::close(fd);
+            Ok(())
+        });
+    }
+    cmd
+}
+
+fn parse_probe(output: Output, targets: &[&str]) -> Vec<String> {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "probe failed: {:?}\n{}", output.status, String::from_utf8_lossy(&output.stderr));
+    let outcomes: Vec<String> =
+        stdout.lines().map(|l| l.rsplit_once(' ').map(|(_, o)| o.to_string()).unwrap_or_default()).collect();
+    assert_eq!(outcomes.len(), targets.len(), "one probe line per target, got:\n{stdout}");
+    outcomes
+}
+
+/// Probes `targets` from a process inside `cgroup`; returns one outcome per target
+/// (`ok`, `EPERM`, `ECONNREFUSED`, ...).
+pub fn probe_in(cgroup: &Path, targets: &[&str]) -> Vec<String> {
+    let out = command_in(cgroup, &enforcer_bin()).arg("probe").args(targets).output().expect("run probe");
+    parse_probe(out, targets)
+}
+
+/// Probes from the test's own cgroup (not confined).
+pub fn probe_outside(targets: &[&str]) -> Vec<String> {
+    let out = Command::new(enforcer_bin()).arg("probe").args(targets).output().expect("run probe");
+    parse_probe(out, targets)
+}
+
+/// The kernel let the operation out (a refused TCP connect reached the peer).
+pub fn allowed(outcome: &str) -> bool {
+    outcome == "ok" || outcome == "ECONNREFUSED"
+}
+
+/// Asserts each outcome against the expectation (`true` = allowed, `false` = EPERM).
+pub fn assert_outcomes(targets: &[&str], outcomes: &[String], expected: &[bool]) {
+    for ((t, o), &e) in targets.iter().zip(outcomes).zip(expected) {
+        if e {
+            assert!(allowed(o), "{t}: expected the kernel to allow it, got {o}");
+        } else {
+            assert_eq!(o, "EPERM", "{t}: expected EPERM, got {o}");
+        }
+    }
+}
+
+/// A TCP and a UDP listener on the same free loopback port; served until the process
+/// exits.
+pub fn loopback_port(ip: &str) -> u16 {
+    let tcp = TcpListener::bind((ip, 0)).expect("bind tcp");
+    let port = tcp.local_addr().unwrap().port();
+    let udp = UdpSocket::bind((ip, port)).ok();
+    std::thread::spawn(move || {
+        for s in tcp.incoming() {
+            drop(s);
+        }
+    });
+    if let Some(udp) = udp {
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while udp.recv_from(&mut buf).is_ok() {}
+        });
+    }
+    port
+}
+
+pub fn enforcer(args: &[&str]) -> Output {
+    Command::new(enforcer_bin()).args(args).output().expect("run enforcer")
+}
+
+pub fn links_pinned(cgroup_id: u64) -> usize {
+    fs::read_dir(Path::new(PIN_ROOT).join("cgroups").join(cgroup_id.to_string()))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}

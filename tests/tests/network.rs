@@ -1,0 +1,337 @@
+//! Network enforcement on the running kernel: real cgroups, real sockets, loopback
+//! destinations only. Each test has its own cgroup, removed on drop.
+use enforcer_tests::*;
+
+fn allow_one_port(port: u16) -> String {
+    format!("    default: deny\n    allow:\n      - name: web\n        cidr: 127.0.0.1/32\n        ports: [{port}]\n")
+}
+
+#[test]
+fn allowed_tcp_and_udp_pass_denied_get_eperm() {
+    let cg = TestCgroup::new("basic");
+    let (open, closed) = (loopback_port("127.0.0.1"), loopback_port("127.0.0.1"));
+    let p = policy("basic", "enforce", &allow_one_port(open));
+    let _c = Controller::attach(cg.arg(), &p, &[]);
+    let t = [
+        format!("tcp:127.0.0.1:{open}"),
+        format!("udp:127.0.0.1:{open}"),
+        format!("sendto:127.0.0.1:{open}"),
+        format!("tcp:127.0.0.1:{closed}"),
+        format!("udp:127.0.0.1:{closed}"),
+        format!("sendto:127.0.0.1:{closed}"),
+        format!("tcp:127.0.0.2:{open}"),
+    ];
+    let t: Vec<&str> = t.iter().map(String::as_str).collect();
+    let out = probe_in(&cg.path, &t);
+    assert_eq!(out[0], "ok", "allowed TCP connect to a listening server must succeed");
+    assert_outcomes(&t, &out, &[true, true, true, false, false, false, false]);
+}
+
+#[test]
+fn ipv4_mapped_ipv6_is_judged_by_ipv4_rules() {
+    let cg = TestCgroup::new("mapped");
+    let (open, closed) = (loopback_port("127.0.0.1"), loopback_port("127.0.0.1"));
+    let p = policy("mapped", "enforce", &allow_one_port(open));
+    let _c = Controller::attach(cg.arg(), &p, &[]);
+    let t = [
+        format!("tcp:[::ffff:127.0.0.1]:{open}"),
+        format!("tcp:[::ffff:127.0.0.1]:{closed}"),
+        format!("udp:[::ffff:127.0.0.1]:{closed}"),
+        format!("sendto:[::ffff:127.0.0.1]:{closed}"),
+    ];
+    let t: Vec<&str> = t.iter().map(String::as_str).collect();
+    assert_outcomes(&t, &probe_in(&cg.path, &t), &[true, false, false, false]);
+}
+
+#[test]
+fn unspecified_address_is_judged_as_loopback() {
+    // Linux connects 0.0.0.0 and :: to loopback: they must not bypass a loopback deny.
+    let cg = TestCgroup::new("unspec");
+    let closed = loopback_port("127.0.0.1");
+    let p = policy("unspec", "enforce", "    default: allow\n    deny:\n      - cidr: 127.0.0.0/8\n      - cidr: ::1/128\n");
+    let _c = Controller::attach(cg.arg(), &p, &[]);
+    let t = [format!("tcp:0.0.0.0:{closed}"), format!("tcp:[::]:{closed}"), format!("tcp:[::ffff:0.0.0.0]:{closed}")];
+    let t: Vec<&str> = t.iter().map(String::as_str).collect();
+    assert_outcomes(&t, &probe_in(&cg.path, &t), &[false, false, false]);
+}
+
+#[test]
+fn ipv6_rules_apply() {
+    let cg = TestCgroup::new("ipv6");
+    let (open, closed) = (loopback_port("::1"), loopback_port("::1"));
+    let p = policy(
+        "ipv6",
+        "enforce",
+        &format!("    default: deny\n    allow:\n      - cidr: ::1/128\n        ports: [{open}]\n"),
+    );
+    let _c = Controller::attach(cg.arg(), &p, &[]);
+    let t = [
+        format!("tcp:[::1]:{open}"),
+        format!("sendto:[::1]:{open}"),
+        format!("tcp:[::1]:{closed}"),
+        format!("udp:[::1]:{closed}"),
+        format!("sendto:[::1]:{closed}"),
+    ];
+    let t: Vec<&str> = t.iter().map(String::as_str).collect();
+    let out = probe_in(&cg.path, &t);
+    assert_eq!(out[0], "ok");
+    assert_outcomes(&t, &out, &[true, true, false, false, false]);
+}
+
+#[test]
+fn port_ranges_and_protocols() {
+    let cg = TestCgroup::new("ranges");
+    let base = 41000u16;
+    let p = policy(
+        "ranges",
+        "enforce",
+        &format!(
+            "    default: deny\n    allow:\n      - cidr: 127.0.0.1/32\n        ports: [\"{}-{}\"]\n        protocols: [tcp]\n      - cidr: 127.0.0.1/32\n        ports: [{}]\n        protocols: [udp]\n",
+            base,
+            base + 2,
+            base + 10
+        ),
+    );
+    let _c = Controller::attach(cg.arg(), &p, &[]);
+    let t = [
+        format!("tcp:127.0.0.1:{base}"),
+        format!("tcp:127.0.0.1:{}", base + 2),
+        format!("tcp:127.0.0.1:{}", base + 3),
+        format!("tcp:127.0.0.1:{}", base - 1),
+        format!("udp:127.0.0.1:{}", base + 1),
+        format!("udp:127.0.0.1:{}", base + 10),
+        format!("tcp:127.0.0.1:{}", base + 10),
+    ];
+    let t: Vec<&str> = t.iter().map(String::as_str).collect();
+    assert_outcomes(&t, &probe_in(&cg.path, &t), &[true, true, false, false, false, true, false]);
+}
+
+#[test]
+fn deny_wins_over_allow() {
+    let cg = TestCgroup::new("denywins");
+    let port = loopback_port("127.0.0.1");
+    let p = policy(
+        "denywins",
+        "enforce",
+        &format!("    default: deny\n    allow:\n      - cidr: 127.0.0.0/8\n    deny:\n      - name: no-admin\n        cidr: 127.0.0.1/32\n        ports: [{port}]\n"),
+    );
+    let c = Controller::attach(cg.arg(), &p, &[]);
+    let t = [format!("tcp:127.0.0.1:{port}"), format!("tcp:127.0.0.2:{port}"), format!("tcp:127.0.0.1:{}", port.wrapping_add(1).max(1))];
+    let t: Vec<&str> = t.iter().map(String::as_str).collect();
+    assert_outcomes(&t, &probe_in(&cg.path, &t), &[false, true, true]);
+    let ev = c.wait_event("denying the admin port", |e| e["event"]["type"][0] == "denied");
+    assert_eq!(ev["rule"]["name"], "no-admin", "the deny rule decided: {ev}");
+}
+
+#[test]
+fn audit_mode_allows_and_reports_would_deny() {
+    let cg = TestCgroup::new("audit");
+    let port = loopback_port("127.0.0.1");
+    let p = policy("audit", "enforce", "    default: deny\n");
+    let c = Controller::attach(cg.arg(), &p, &["--mode", "audit"]);
+    let t = [format!("tcp:127.0.0.1:{port}")];
+    let t: Vec<&str> = t.iter().map(String::as_str).collect();
+    assert_eq!(probe_in(&cg.path, &t), vec!["ok"], "audit mode must not block");
+    let ev = c.wait_event("with verdict audit-deny", |e| e["enforcer"]["verdict"] == "audit-deny");
+    assert_eq!(ev["destination"]["port"], port);
+}
+
+#[test]
+fn nested_cgroups_and_forked_children_inherit() {
+    let cg = TestCgroup::new("nested");
+    let port = loopback_port("127.0.0.1");
+    let p = policy("nested", "enforce", "    default: deny\n");
+    let _c = Controller::attach(cg.arg(), &p, &[]);
+    let grandchild = cg.child("child/grandchild");
+    let t = [format!("tcp:127.0.0.1:{port}")];
+    let t: Vec<&str> = t.iter().map(String::as_str).collect();
+    assert_eq!(probe_in(&grandchild, &t), vec!["EPERM"], "a grandchild cgroup inherits the policy");
+    // A process forked twice inside the cgroup.
+    let script = format!("sh -c '{} probe {}'", enforcer_bin().display(), t[0]);
+    let out = command_in(&cg.path, std::path::Path::new("/bin/sh")).args(["-c", &script]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("{} EPERM", t[0]));
+    // Not confined: the test's own cgroup.
+    assert!(allowed(&probe_outside(&t)[0]), "a process outside the cgroup is untouched");
+}
+
+#[test]
+fn raw_sockets_refused_unless_the_policy_allows_them() {
+    let cg = TestCgroup::new("raw");
+    let p = policy("raw", "enforce", "    default: deny\n");
+    let c = Controller::attach(cg.arg(), &p, &[]);
+    assert_eq!(probe_in(&cg.path, &["raw"]), vec!["EPERM"]);
+    let ev = c.wait_event("for the raw socket", |e| e["event"]["action"] == "socket-create");
+    assert_eq!(ev["network"]["transport"], "raw");
+    drop(c);
+    let p = policy("raw-ok", "enforce", "    default: deny\n    raw_sockets: true\n");
+    let _c = Controller::attach(cg.arg(), &p, &[]);
+    assert_eq!(probe_in(&cg.path, &["raw"]), vec!["ok"], "raw_sockets: true allows them (we are root)");
+}
+
+#[test]
+fn tcp_fast_open_is_judged_like_connect() {
+    let cg = TestCgroup::new("tfo");
+    let (open, closed) = (loopback_port("127.0.0.1"), loopback_port("127.0.0.1"));
+    let p = policy("tfo", "enforce", &allow_one_port(open));
+    let _c = Controller::attach(cg.arg(), &p, &[]);
+    let t = [format!("tfo:127.0.0.1:{closed}"), format!("tfo:127.0.0.1:{open}")];
+    let t: Vec<&str> = t.iter().map(String::as_str).collect();
+    assert_outcomes(&t, &probe_in(&cg.path, &t), &[false, true]);
+}
+
+#[test]
+fn enforcement_survives_kill_9_and_a_new_attach_takes_over() {
+    let cg = TestCgroup::new("kill9");
+    let port = loopback_port("127.0.0.1");
+    let t = [format!("tcp:127.0.0.1:{port}")];
+    let t: Vec<&str> = t.iter().map(String::as_str).collect();
+    let deny = policy("kill9-deny", "enforce", "    default: deny\n");
+    let mut c = Controller::attach(cg.arg(), &deny, &[]);
+    c.kill9();
+    assert_eq!(probe_in(&cg.path, &t), vec!["EPERM"], "enforcement must stay after kill -9");
+    assert_eq!(links_pinned(cg.id()), 5, "the five links stay pinned");
+    let allow = policy("kill9-allow", "enforce", &allow_one_port(port));
+    let _c2 = Controller::attach(cg.arg(), &allow, &[]);
+    assert_eq!(probe_in(&cg.path, &t), vec!["ok"], "the new attach's policy is in force");
+    assert_eq!(links_pinned(cg.id()), 5, "old links were replaced, not added to");
+    let status = enforcer(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status --json is JSON");
+    let mine: Vec<_> = status["attached"].as_array().unwrap().iter().filter(|a| a["cgroup_id"] == cg.id()).collect();
+    assert_eq!(mine.len(), 1, "one entry for the cgroup: {status}");
+    assert_eq!(mine[0]["policy"], "kill9-allow");
+}
+
+#[test]
+fn detach_removes_enforcement() {
+    let cg = TestCgroup::new("detach");
+    let port = loopback_port("127.0.0.1");
+    let t = [format!("tcp:127.0.0.1:{port}")];
+    let t: Vec<&str> = t.iter().map(String::as_str).collect();
+    let p = policy("detach", "enforce", "    default: deny\n");
+    let c = Controller::attach(cg.arg(), &p, &[]);
+    drop(c);
+    assert_eq!(probe_in(&cg.path, &t), vec!["EPERM"]);
+    let out = enforcer(&["detach", "--cgroup", cg.arg()]);
+    assert!(out.status.success(), "detach failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(probe_in(&cg.path, &t), vec!["ok"], "after detach the cgroup is free");
+    assert_eq!(links_pinned(cg.id()), 0);
+    let again = enforcer(&["detach", "--cgroup", cg.arg()]);
+    assert!(!again.status.success(), "detaching an unconfined cgroup is an error");
+}
+
+#[test]
+fn events_carry_ecs_fields() {
+    let cg = TestCgroup::new("events");
+    let port = loopback_port("127.0.0.1");
+    let p = policy("events", "enforce", "    default: deny\n");
+    let c = Controller::attach(cg.arg(), &p, &[]);
+    let t = [format!("tcp:127.0.0.1:{port}"), format!("sendto:127.0.0.1:{port}")];
+    let t: Vec<&str> = t.iter().map(String::as_str).collect();
+    probe_in(&cg.path, &t);
+    let ev = c.wait_event("for the denied connect", |e| e["event"]["action"] == "network-connect");
+    for (field, value) in [
+        ("/event/type/0", serde_json::json!("denied")),
+        ("/enforcer/verdict", serde_json::json!("deny")),
+        ("/destination/ip", serde_json::json!("127.0.0.1")),
+        ("/destination/port", serde_json::json!(port)),
+        ("/network/transport", serde_json::json!("tcp")),
+        ("/policy/name", serde_json::json!("events")),
+        ("/rule/name", serde_json::json!("default")),
+        ("/process/name", serde_json::json!("enforcer")),
+    ] {
+        assert_eq!(ev.pointer(field), Some(&value), "{field} in {ev}");
+    }
+    assert!(ev["process"]["pid"].as_u64().unwrap() > 0);
+    assert!(ev["@timestamp"].as_str().unwrap().starts_with("20"), "{ev}");
+    let cg_path = ev["cgroup"]["path"].as_str().unwrap();
+    assert!(cg.arg().ends_with(cg_path), "cgroup.path {cg_path} names {}", cg.arg());
+    let sendmsg = c.wait_event("for the denied sendto", |e| e["event"]["action"] == "network-sendmsg");
+    assert_eq!(sendmsg["network"]["transport"], "udp");
+}
+
+#[test]
+fn metrics_count_decisions() {
+    let cg = TestCgroup::new("metrics");
+    let port = loopback_port("127.0.0.1");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let p = policy("metrics", "enforce", &allow_one_port(port));
+    let _c = Controller::attach(cg.arg(), &p, &["--metrics-addr", &addr]);
+    let t = [format!("tcp:127.0.0.1:{port}"), format!("tcp:127.0.0.1:{}", port.wrapping_add(1).max(1))];
+    let t: Vec<&str> = t.iter().map(String::as_str).collect();
+    probe_in(&cg.path, &t);
+    let out = std::process::Command::new("curl").args(["-sf", &format!("http://{addr}/metrics")]).output().expect("curl");
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "scrape failed: {out:?}");
+    let value = |needle: &str| -> f64 {
+        body.lines()
+            .find(|l| l.starts_with(needle))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {needle} in:\n{body}"))
+    };
+    assert!(value(r#"enforcer_decisions_total{hook="connect4",policy="metrics",verdict="allow"}"#) >= 1.0);
+    assert!(value(r#"enforcer_decisions_total{hook="connect4",policy="metrics",verdict="deny"}"#) >= 1.0);
+    assert!(body.contains("enforcer_policy_info{"), "{body}");
+    assert!(body.contains("enforcer_events_lost_total"), "{body}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn run_confines_the_command_as_the_given_user_and_cleans_up() {
+    require_root();
+    let port = loopback_port("127.0.0.1");
+    let closed = loopback_port("127.0.0.1");
+    let p = policy("run", "enforce", &allow_one_port(port));
+    let bin = enforcer_bin();
+    let out = std::process::Command::new(&bin)
+        .args(["run", "--policy", p.arg(), "--user", "nobody", "--"])
+        .arg("/bin/sh")
+        .arg("-c")
+        .arg(format!("id -u; {} probe tcp:127.0.0.1:{port} tcp:127.0.0.1:{closed}; exit 7", bin.display()))
+        .output()
+        .expect("enforcer run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "run exits with the command's status; stderr:\n{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_ne!(lines[0], "0", "the command must not run as root");
+    assert_eq!(lines[1], format!("tcp:127.0.0.1:{port} ok"));
+    assert_eq!(lines[2], format!("tcp:127.0.0.1:{closed} EPERM"));
+    assert!(stderr.contains("\"verdict\":\"deny\""), "denials are reported on stderr:\n{stderr}");
+    let leftovers: Vec<_> = std::fs::read_dir(cgroup2_mount())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("enforcer-run-"))
+        .collect();
+    assert!(leftovers.is_empty(), "run must remove its cgroup: {leftovers:?}");
+}
+
+#[test]
+fn a_bad_policy_is_refused_and_the_previous_one_stays() {
+    let cg = TestCgroup::new("badpolicy");
+    let port = loopback_port("127.0.0.1");
+    let t = [format!("tcp:127.0.0.1:{port}")];
+    let t: Vec<&str> = t.iter().map(String::as_str).collect();
+    let good = policy("good", "enforce", "    default: deny\n");
+    drop(Controller::attach(cg.arg(), &good, &[]));
+    let bad = policy("bad", "enforce", "    default: deny\n    allow:\n      - cidr: 127.0.0.1/33\n");
+    let out = enforcer(&["attach", "--cgroup", cg.arg(), "--policy", bad.arg()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a bad policy must be refused");
+    assert!(stderr.contains(&format!("{}:9:", bad.arg())), "error names file:line:column:\n{stderr}");
+    assert_eq!(probe_in(&cg.path, &t), vec!["EPERM"], "the previous policy stays in force");
+    let check = enforcer(&["policy", "check", bad.arg()]);
+    assert!(!check.status.success());
+}
+
+#[test]
+fn refuses_to_confine_the_root_or_its_own_cgroup() {
+    require_root();
+    let root = cgroup2_mount();
+    let p = policy("root", "enforce", "    default: deny\n");
+    let out = enforcer(&["attach", "--cgroup", root.to_str().unwrap(), "--policy", p.arg()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to confine"), "{out:?}");
+}

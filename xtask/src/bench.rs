@@ -1,0 +1,281 @@
+//! `cargo xtask bench`: connect() cost on loopback, measured in one run under four
+//! setups and reported as ns/op and ratios against the baselines of the same run.
+//! 1. no programs on the bench cgroup;
+//! 2. an empty program (`return 1`) on connect4;
+//! 3. enforcer with a 10-rule policy;
+//! 4. enforcer with a 10,000-rule policy.
+//! The worker (this binary, re-executed) joins the bench cgroup before exec.
+use std::{
+    ffi::CString,
+    fs,
+    io::Write as _,
+    net::{TcpListener, TcpStream, UdpSocket},
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail, ensure};
+
+const ROUNDS: usize = 5;
+
+pub fn run(iterations: u32) -> anyhow::Result<()> {
+    if let Ok(kind) = std::env::var("XTASK_BENCH_WORKER") {
+        return worker(&kind, iterations);
+    }
+    ensure!(super::is_root(), "the benchmark attaches BPF programs and needs root");
+    let mount = cgroup2_mount()?;
+    let cgroup = mount.join(format!("enforcer-bench-{}", std::process::id()));
+    fs::create_dir_all(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
+    let result = measure_all(&cgroup, iterations);
+    let _ = Command::new(super::enforcer_bin())
+        .args(["detach", "--cgroup"])
+        .arg(&cgroup)
+        .stderr(Stdio::null())
+        .status();
+    let _ = fs::remove_dir(&cgroup);
+    let rows = result?;
+    report(&rows);
+    Ok(())
+}
+
+struct Row {
+    setup: &'static str,
+    udp_ns: f64,
+    tcp_ns: f64,
+}
+
+fn measure_all(cgroup: &Path, iterations: u32) -> anyhow::Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    super::step("bench: no programs");
+    rows.push(measure("no programs", cgroup, iterations)?);
+
+    super::step("bench: empty connect4 program");
+    let empty = EmptyProgram::attach(cgroup)?;
+    rows.push(measure("empty program", cgroup, iterations)?);
+    drop(empty);
+
+    for rules in [10usize, 10_000] {
+        super::step(&format!("bench: enforcer, {rules} CIDR rules"));
+        let policy = std::env::temp_dir().join(format!("enforcer-bench-{rules}.yaml"));
+        fs::write(&policy, bench_policy(rules))?;
+        let mut controller = attach(cgroup, &policy)?;
+        let row = measure(if rules == 10 { "enforcer, 10 rules" } else { "enforcer, 10000 rules" }, cgroup, iterations);
+        unsafe { libc::kill(controller.id() as i32, libc::SIGTERM) };
+        let _ = controller.wait();
+        let _ = fs::remove_file(&policy);
+        rows.push(row?);
+    }
+    Ok(rows)
+}
+
+/// A policy of `rules` allow rules: /32s in 10.0.0.0/8 (never matched) plus the
+/// loopback rule the benchmark's connects hit.
+fn bench_policy(rules: usize) -> String {
+    let mut yaml = String::from(
+        "apiVersion: enforcer/v1\nkind: AgentPolicy\nmetadata:\n  name: bench\nspec:\n  network:\n    default: deny\n    allow:\n      - cidr: 127.0.0.1/32\n",
+    );
+    for i in 1..rules {
+        let (a, b, c) = ((i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff);
+        yaml.push_str(&format!("      - cidr: 10.{a}.{b}.{c}/32\n        ports: [443]\n"));
+    }
+    yaml
+}
+
+fn attach(cgroup: &Path, policy: &Path) -> anyhow::Result<Child> {
+    let mut child = Command::new(super::enforcer_bin())
+        .args(["attach", "--events", "/dev/null", "--cgroup"])
+        .arg(cgroup)
+        .arg("--policy")
+        .arg(policy)
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting enforcer attach")?;
+    // The controller logs "attached" once the links are pinned.
+    let stderr = child.stderr.take().expect("piped");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line.contains("attached") => break,
+            Some(Ok(_)) => continue,
+            _ => bail!("enforcer attach exited before attaching: {:?}", child.wait()),
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    Ok(child)
+}
+
+fn measure(setup: &'static str, cgroup: &Path, iterations: u32) -> anyhow::Result<Row> {
+    let udp_ns = run_worker("udp", cgroup, iterations)?;
+    let tcp_ns = run_worker("tcp", cgroup, iterations / 4)?;
+    Ok(Row { setup, udp_ns, tcp_ns })
+}
+
+/// Runs the worker inside the cgroup; it prints the median ns/op of its rounds.
+fn run_worker(kind: &str, cgroup: &Path, iterations: u32) -> anyhow::Result<f64> {
+    let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["bench", "--iterations", &iterations.to_string()]).env("XTASK_BENCH_WORKER", kind);
+    // SAFETY: open/write/close only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::close(fd);
+            Ok(())
+        });
+    }
+    let out = cmd.output().context("running the bench worker")?;
+    ensure!(out.status.success(), "bench worker failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().parse().context("worker output")
+}
+
+fn worker(kind: &str, iterations: u32) -> anyhow::Result<()> {
+    let mut rounds = Vec::new();
+    match kind {
+        "udp" => {
+            let sock = UdpSocket::bind("127.0.0.1:0")?;
+            let target = UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
+            for _ in 0..ROUNDS {
+                let start = Instant::now();
+                for _ in 0..iterations {
+                    sock.connect(target).context("udp connect denied during bench")?;
+                }
+                rounds.push(start.elapsed().as_nanos() as f64 / iterations as f64);
+            }
+        }
+        "tcp" => {
+            let listener = TcpListener::bind("127.0.0.1:0")?;
+            let target = listener.local_addr()?;
+            for _ in 0..ROUNDS {
+                let start = Instant::now();
+                for _ in 0..iterations {
+                    let client = TcpStream::connect(target).context("tcp connect denied during bench")?;
+                    let (server, _) = listener.accept()?;
+                    reset_on_close(&client);
+                    drop(server);
+                    drop(client);
+                }
+                rounds.push(start.elapsed().as_nanos() as f64 / iterations as f64);
+            }
+        }
+        other => bail!("unknown bench worker {other}"),
+    }
+    rounds.sort_by(|a, b| a.total_cmp(b));
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{:.1}", rounds[ROUNDS / 2])?;
+    Ok(())
+}
+
+/// SO_LINGER 0: close with RST, so a long run leaves no TIME_WAIT sockets that would
+/// exhaust the ephemeral ports.
+fn reset_on_close(stream: &TcpStream) {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+}
+
+fn report(rows: &[Row]) {
+    let base = &rows[0];
+    let empty = &rows[1];
+    println!("\nconnect() cost on loopback (median of {ROUNDS} rounds, ns/op; ratios against this run's baselines)");
+    println!(
+        "{:<24} {:>10} {:>9} {:>9} {:>10} {:>9} {:>9}",
+        "setup", "UDP ns", "x none", "x empty", "TCP ns", "x none", "x empty"
+    );
+    for r in rows {
+        println!(
+            "{:<24} {:>10.0} {:>9.3} {:>9.3} {:>10.0} {:>9.3} {:>9.3}",
+            r.setup,
+            r.udp_ns,
+            r.udp_ns / base.udp_ns,
+            r.udp_ns / empty.udp_ns,
+            r.tcp_ns,
+            r.tcp_ns / base.tcp_ns,
+            r.tcp_ns / empty.tcp_ns
+        );
+    }
+    let big = &rows[3];
+    let added = big.udp_ns - empty.udp_ns;
+    println!(
+        "\npolicy lookup at 10,000 rules adds {added:.0} ns per UDP connect over the empty program (goal: <= 50 ns): {}",
+        if added <= 50.0 { "met" } else { "NOT met" }
+    );
+}
+
+fn cgroup2_mount() -> anyhow::Result<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo")?;
+    info.lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            if right.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            Some(PathBuf::from(left.split_whitespace().nth(4)?))
+        })
+        .context("no cgroup2 mount")
+}
+
+/// `r0 = 1; exit` on connect4, attached with BPF_PROG_ATTACH; detached on drop.
+struct EmptyProgram {
+    prog_fd: i32,
+    cgroup: fs::File,
+}
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_PROG_DETACH: libc::c_long = 9;
+const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+const BPF_F_ALLOW_MULTI: u32 = 2;
+
+fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> std::io::Result<i32> {
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), 128u32) };
+    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(rc as i32) }
+}
+
+impl EmptyProgram {
+    fn attach(cgroup: &Path) -> anyhow::Result<Self> {
+        // mov64 r0, 1 ; exit
+        let insns: [u64; 2] = [u64::from_le_bytes([0xb7, 0, 0, 0, 1, 0, 0, 0]), u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0])];
+        let license = CString::new("GPL")?;
+        let mut attr = [0u8; 128];
+        // prog_type, insn_cnt, insns, license, ..., expected_attach_type at offset 68.
+        attr[0..4].copy_from_slice(&BPF_PROG_TYPE_CGROUP_SOCK_ADDR.to_ne_bytes());
+        attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
+        attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+        attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+        attr[68..72].copy_from_slice(&BPF_CGROUP_INET4_CONNECT.to_ne_bytes());
+        let prog_fd = bpf(BPF_PROG_LOAD, &mut attr).context("loading the empty program")?;
+        let cgroup = fs::File::open(cgroup)?;
+        let mut attr = [0u8; 128];
+        // target_fd, attach_bpf_fd, attach_type, attach_flags
+        attr[0..4].copy_from_slice(&(cgroup.as_raw_fd() as u32).to_ne_bytes());
+        attr[4..8].copy_from_slice(&(prog_fd as u32).to_ne_bytes());
+        attr[8..12].copy_from_slice(&BPF_CGROUP_INET4_CONNECT.to_ne_bytes());
+        attr[12..16].copy_from_slice(&BPF_F_ALLOW_MULTI.to_ne_bytes());
+        bpf(BPF_PROG_ATTACH, &mut attr).context("attaching the empty program")?;
+        Ok(Self { prog_fd, cgroup })
+    }
+}
+
+impl Drop for EmptyProgram {
+    fn drop(&mut self) {
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&(self.cgroup.as_raw_fd() as u32).to_ne_bytes());
+        attr[4..8].copy_from_slice(&(self.prog_fd as u32).to_ne_bytes());
+        attr[8..12].copy_from_slice(&BPF_CGROUP_INET4_CONNECT.to_ne_bytes());
+        let _ = bpf(BPF_PROG_DETACH, &mut attr);
+        unsafe { libc::close(self.prog_fd) };
+    }
+}

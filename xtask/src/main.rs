@@ -1,0 +1,248 @@
+//! Developer tasks: `cargo xtask setup | demo | test | bench`. Orchestration only: the
+//! eBPF crate is built by aya-build from enforcer/build.rs.
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{TcpListener, UdpSocket},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use clap::{Parser, Subcommand};
+
+mod bench;
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing needs (apt packages, rust-src, bpf-linker).
+    /// Idempotent: present pieces are skipped.
+    Setup,
+    /// Build the release binary.
+    Build,
+    /// Attach policies/default.yaml to a demo cgroup, run a small agent in it that tries
+    /// allowed and forbidden destinations on loopback, and print the decisions.
+    Demo,
+    /// Run the whole test suite: unit tests, then the root integration tests against
+    /// the running kernel.
+    Test {
+        /// Only integration tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// Measure connect() cost with no programs, an empty program, and enforcer
+    /// policies of 10 and 10,000 rules.
+    Bench {
+        /// Iterations per measurement.
+        #[arg(long, default_value_t = 20_000)]
+        iterations: u32,
+    },
+}
+
+/// Debian packages the build and the tests need.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev", // bpf-linker links against LLVM 22, the LLVM of the nightly rustc
+    "curl",        // tests scrape /metrics with a real HTTP client
+    "iproute2",
+    "python3",
+];
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    std::env::set_current_dir(workspace_root()).context("entering the workspace")?;
+    match cli.task {
+        Task::Setup => setup(),
+        Task::Build => {
+            setup()?;
+            build_release()
+        }
+        Task::Demo => {
+            setup()?;
+            build_release()?;
+            demo()
+        }
+        Task::Test { filter } => {
+            setup()?;
+            test(filter.as_deref())
+        }
+        Task::Bench { iterations } => {
+            setup()?;
+            build_release()?;
+            bench::run(iterations)
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the workspace").to_path_buf()
+}
+
+fn step(msg: &str) {
+    eprintln!("\x1b[1m[xtask]\x1b[0m {msg}");
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {shown}"))?;
+    ensure!(status.success(), "{shown} failed: {status}");
+    Ok(())
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false)
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false)
+}
+
+fn setup() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
+            !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if !missing.is_empty() {
+        ensure!(is_root(), "apt packages missing ({}): run as root", missing.join(" "));
+        step(&format!("installing apt packages: {}", missing.join(" ")));
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
+        step("installing the nightly toolchain (eBPF programs need build-std)");
+        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+    }
+    let components = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()
+        .context("rustup component list")?;
+    if !String::from_utf8_lossy(&components.stdout).lines().any(|l| l.starts_with("rust-src")) {
+        step("adding rust-src to nightly");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    if !succeeds(Command::new("bpf-linker").arg("--version")) {
+        step("installing bpf-linker for LLVM 22 (about a minute)");
+        run(Command::new("cargo")
+            .args(["install", "bpf-linker", "--no-default-features", "--features", "llvm-22", "--locked"])
+            .env("LLVM_PREFIX", LLVM_PREFIX))?;
+    }
+    step("toolchain ready");
+    Ok(())
+}
+
+fn build_release() -> anyhow::Result<()> {
+    step("building enforcer (release; aya-build compiles the kernel programs)");
+    run(Command::new("cargo").args(["build", "--release", "-p", "enforcer"]))
+}
+
+fn enforcer_bin() -> PathBuf {
+    workspace_root().join("target/release/enforcer")
+}
+
+fn test(filter: Option<&str>) -> anyhow::Result<()> {
+    step("unit tests (no root needed)");
+    run(Command::new("cargo").args(["test", "--workspace", "--exclude", "enforcer-tests", "--exclude", "enforcer-ebpf"]))?;
+    ensure!(
+        is_root(),
+        "the integration tests attach BPF programs to cgroups and need root; run `sudo cargo xtask test`"
+    );
+    build_release()?;
+    step("integration tests against the running kernel (root, one at a time)");
+    let mut cmd = Command::new("cargo");
+    cmd.args(["test", "--release", "-p", "enforcer-tests", "--"])
+        .args(["--test-threads=1"])
+        .env("ENFORCER_BIN", enforcer_bin());
+    if let Some(f) = filter {
+        cmd.arg(f);
+    }
+    run(&mut cmd)
+}
+
+/// Loopback servers the demo agent talks to.
+fn start_demo_servers() -> anyhow::Result<()> {
+    for port in [8080u16, 8081] {
+        let listener = TcpListener::bind(("127.0.0.1", port)).with_context(|| format!("binding 127.0.0.1:{port}"))?;
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut stream = stream;
+                let _ = stream.write_all(b"hello from the demo server\n");
+            }
+        });
+    }
+    let udp = UdpSocket::bind("127.0.0.1:8053").context("binding 127.0.0.1:8053/udp")?;
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while udp.recv_from(&mut buf).is_ok() {}
+    });
+    Ok(())
+}
+
+fn demo() -> anyhow::Result<()> {
+    ensure!(is_root(), "the demo attaches BPF programs to a cgroup and needs root");
+    start_demo_servers()?;
+    let targets = [
+        ("tcp:127.0.0.1:8080", "allowed: loopback web port 8000-8100"),
+        ("tcp:127.0.0.1:8081", "denied: rule no-admin-port wins over the allow"),
+        ("udp:127.0.0.1:8053", "allowed: UDP to the same range"),
+        ("tcp:127.0.0.2:8080", "denied: not in any allow rule (default deny)"),
+        ("sendto:169.254.169.254:80", "denied: cloud metadata endpoint"),
+        ("tcp:[::ffff:127.0.0.1]:8081", "denied: IPv4-mapped IPv6 is judged by the IPv4 rules"),
+        ("raw", "denied: raw sockets are refused at creation"),
+    ];
+    step("running a demo agent under policies/default.yaml (events on stderr, agent output on stdout)");
+    let user = if succeeds(Command::new("id").arg("nobody")) { Some("nobody") } else { None };
+    let mut cmd = Command::new(enforcer_bin());
+    cmd.args(["run", "--policy", "policies/default.yaml"]);
+    if let Some(u) = user {
+        cmd.args(["--user", u]);
+    }
+    cmd.arg("--").arg(enforcer_bin()).arg("probe").args(targets.iter().map(|t| t.0));
+    let output = cmd.stderr(Stdio::piped()).stdout(Stdio::piped()).spawn().context("starting enforcer run")?;
+    let mut stdout = String::new();
+    let mut child = output;
+    let stderr = child.stderr.take().expect("piped");
+    let events = std::thread::spawn(move || BufReader::new(stderr).lines().map_while(Result::ok).collect::<Vec<_>>());
+    child.stdout.take().expect("piped").read_to_string(&mut stdout)?;
+    let status = child.wait()?;
+    let events = events.join().expect("reader thread");
+    println!("\nWhat the agent saw:");
+    for (line, (_, why)) in stdout.lines().zip(targets.iter()) {
+        println!("  {line:<40} <- {why}");
+    }
+    println!("\nWhat enforcer reported (ECS JSON events, one per decision):");
+    for line in events.iter().filter(|l| l.starts_with('{')) {
+        println!("  {line}");
+    }
+    for line in events.iter().filter(|l| !l.starts_with('{')) {
+        eprintln!("  {line}");
+    }
+    ensure!(status.success(), "enforcer run exited with {status}");
+    Ok(())
+}
+
+#[allow(dead_code)]
+fn wait_until(timeout: Duration, mut ready: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while !ready() {
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
