@@ -1,0 +1,21 @@
+//! Every example policy under policies/ parses and compiles.
+use std::path::Path;
+
+use enforcer::{compile::compile_policy, policy::parse_policy_file};
+
+#[test]
+fn every_shipped_policy_parses_and_compiles() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("policies/ exists") {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        let policy = parse_policy_file(&path).unwrap_or_else(|e| panic!("{e}"));
+        let compiled = compile_policy(&policy).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(!compiled.rules.is_empty(), "{}: an example with no rules teaches nothing", path.display());
+        checked += 1;
+    }
+    assert!(checked >= 3, "expected the shipped example policies, found {checked}");
+}
