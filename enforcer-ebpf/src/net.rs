@@ -236,7 +236,9 @@ fn finish(config: &PolicyConfig, rule: RuleVerdict, mut decision: Decision) -> i
     decision.verdict = outcome;
     decision.rule_id = rule.rule_id;
     count_decision(decision.slot, decision.hook, outcome);
-    if outcome != verdict::ALLOW || config.log_allowed != 0 {
+    // Allowed socket creations are not reported even with log_allowed: every socket
+    // makes one, and the connect/sendmsg that follows says what the socket did.
+    if outcome != verdict::ALLOW || (config.log_allowed != 0 && decision.hook != hook::SOCK_CREATE) {
         emit_event(&decision);
     }
     ret

@@ -357,8 +357,9 @@ struct RawSpec {
     network: RawNetwork,
     #[serde(default)]
     audit: RawAudit,
-    #[serde(default)]
-    files: Option<NotYet>,
+    /// Refused while deserializing; never read.
+    #[serde(default, rename = "files")]
+    _files: Option<NotYet>,
 }
 
 #[derive(Deserialize)]

@@ -320,7 +320,7 @@ fn a_bad_policy_is_refused_and_the_previous_one_stays() {
     let out = enforcer(&["attach", "--cgroup", cg.arg(), "--policy", bad.arg()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a bad policy must be refused");
-    assert!(stderr.contains(&format!("{}:9:", bad.arg())), "error names file:line:column:\n{stderr}");
+    assert!(stderr.contains(&format!("{}:10:15: ", bad.arg())), "error names file:line:column:\n{stderr}");
     assert_eq!(probe_in(&cg.path, &t), vec!["EPERM"], "the previous policy stays in force");
     let check = enforcer(&["policy", "check", bad.arg()]);
     assert!(!check.status.success());

@@ -202,7 +202,7 @@ fn demo() -> anyhow::Result<()> {
         ("tcp:127.0.0.2:8080", "denied: not in any allow rule (default deny)"),
         ("sendto:169.254.169.254:80", "denied: cloud metadata endpoint"),
         ("tcp:[::ffff:127.0.0.1]:8081", "denied: IPv4-mapped IPv6 is judged by the IPv4 rules"),
-        ("raw", "denied: raw sockets are refused at creation"),
+        ("raw", "denied: no CAP_NET_RAW as nobody; the policy refuses raw sockets even to root"),
     ];
     step("running a demo agent under policies/default.yaml (events on stderr, agent output on stdout)");
     let user = if succeeds(Command::new("id").arg("nobody")) { Some("nobody") } else { None };
