@@ -11,11 +11,8 @@ pub mod limits {
     /// means "no policy". A re-attach writes the new policy into a free slot and then
     /// flips the cgroup to it, so each attached cgroup may briefly need two slots.
     pub const MAX_POLICY_SLOTS: u32 = 256;
-    /// Confined cgroups (attach points and cgroups with their own policy).
-    pub const MAX_CONFINED_CGROUPS: u32 = 4096;
-    /// How many ancestors the kernel walks to find the nearest policy. cgroup trees on
-    /// real hosts are rarely deeper than 8 (systemd slices + containers); 32 leaves room.
-    pub const MAX_CGROUP_DEPTH: u32 = 32;
+    /// Attached cgroups (bindings); binding 0 is never used.
+    pub const MAX_BINDINGS: u32 = 4096;
     /// Port/protocol clauses that may apply to one address prefix (all allow and deny
     /// rules whose CIDR covers it, one clause per port range). Bounds the kernel loop.
     pub const MAX_CLAUSES_PER_PREFIX: usize = 32;
@@ -29,7 +26,9 @@ pub mod limits {
 
 pub mod names {
     //! Names of maps and programs, declared once. Map names are at most 15 bytes.
-    pub const MAP_CGROUPS: &str = "ENF_CGROUPS";
+    pub const MAP_BINDINGS: &str = "ENF_BINDINGS";
+    /// The read-only global holding the binding index of a loaded program set.
+    pub const GLOBAL_BINDING: &str = "ENF_BINDING";
     pub const MAP_POLICIES: &str = "ENF_POLICIES";
     pub const MAP_NET4: &str = "ENF_NET4";
     pub const MAP_NET6: &str = "ENF_NET6";
@@ -95,8 +94,8 @@ pub const fn decision_index(slot: u32, hook: u8, verdict: u8) -> u32 {
 pub mod counter {
     /// Ring-buffer reservations that failed (events lost; verdicts unaffected).
     pub const EVENTS_LOST: u32 = 0;
-    /// Policy lookups that hit a cgroup mapped to a slot without a config (fail closed:
-    /// the operation is denied).
+    /// Decisions made by a program set whose binding holds no policy (fail closed: the
+    /// operation is denied).
     pub const MISSING_POLICY: u32 = 1;
     pub const COUNT: u32 = 4;
 }
@@ -118,8 +117,24 @@ pub mod action {
     pub const DENY: u8 = 1;
 }
 
+/// One attached cgroup (`ENF_BINDINGS[binding]`). Each attach loads its own program
+/// set with its binding index baked in as a read-only global, so the hot path finds its
+/// policy with two inlined array lookups instead of a cgroup-id helper call and a hash
+/// lookup. Replacing a policy rewrites `slot` (slots are < 256: one byte changes, so
+/// readers see the old or the new slot, never a mix).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Binding {
+    /// cgroup v2 id of the attach point; 0 = free.
+    pub cgroup_id: u64,
+    /// Policy slot in force; 0 (or a slot not in use) denies everything.
+    pub slot: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<Binding>() == 16);
+
 /// Per-slot policy settings (`ENF_POLICIES[slot]`). `in_use` is 0 for a free slot; a
-/// cgroup mapped to a slot that is not in use is denied (fail closed).
+/// binding that points at a slot not in use is denied (fail closed).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PolicyConfig {
@@ -260,6 +275,7 @@ const _: () = assert!(core::mem::size_of::<NetEvent>() == 80);
 mod user {
     use super::*;
     // SAFETY: all types are repr(C), Copy, with no implicit padding (sizes asserted).
+    unsafe impl aya::Pod for Binding {}
     unsafe impl aya::Pod for PolicyConfig {}
     unsafe impl aya::Pod for Net4Key {}
     unsafe impl aya::Pod for Net6Key {}

@@ -1,7 +1,7 @@
 //! Decision counters and events. A failed ring-buffer reservation is counted and never
 //! changes a verdict.
 use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid};
-use aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns;
+use aya_ebpf::helpers::generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns};
 use enforcer_common::{NetEvent, counter, decision_index};
 
 use crate::maps::{ENF_COUNTERS, ENF_DECISIONS, ENF_EVENTS};
@@ -25,7 +25,6 @@ pub fn count(counter_index: u32) {
 
 /// The fields of an event that the hook knows; the rest is filled in here.
 pub struct Decision {
-    pub cgroup_id: u64,
     pub slot: u32,
     pub rule_id: u32,
     pub hook: u8,
@@ -46,7 +45,9 @@ pub fn emit_event(d: &Decision) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let event = NetEvent {
         boot_ns: unsafe { bpf_ktime_get_boot_ns() },
-        cgroup_id: d.cgroup_id,
+        // Looked up only here, off the hot allow path: names the task's own cgroup,
+        // which may be below the attach point.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         tid: pid_tgid as u32,
         pid: (pid_tgid >> 32) as u32,
         uid: bpf_get_current_uid_gid() as u32,

@@ -3,16 +3,15 @@
 //! program set, so each controller reads the events of the cgroups it attached.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, LpmTrie, PerCpuArray, RingBuf},
 };
 use enforcer_common::{
-    DECISION_STRIDE, Net4Key, Net6Key, PolicyConfig, PrefixClauses, counter, limits,
+    Binding, DECISION_STRIDE, Net4Key, Net6Key, PolicyConfig, PrefixClauses, counter, limits,
 };
 
-/// cgroup id -> policy slot.
-#[map(name = "ENF_CGROUPS")]
-pub static ENF_CGROUPS: HashMap<u64, u32> =
-    HashMap::pinned(limits::MAX_CONFINED_CGROUPS, 0);
+/// binding (one per attached cgroup) -> cgroup id and policy slot.
+#[map(name = "ENF_BINDINGS")]
+pub static ENF_BINDINGS: Array<Binding> = Array::pinned(limits::MAX_BINDINGS, 0);
 
 /// slot -> settings of the policy in that slot.
 #[map(name = "ENF_POLICIES")]

@@ -50,10 +50,9 @@ pub fn enf_sendmsg6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock(sock_create)]
 pub fn enf_sock_create(ctx: SockContext) -> i32 {
-    let Some(gov) = governing() else { return PASS };
-    let (cgroup_id, slot, config) = match gov {
-        Ok(found) => found,
-        Err((cgroup_id, slot)) => return fail_closed(cgroup_id, slot, hook::SOCK_CREATE),
+    let (slot, config) = match governing_policy() {
+        Governing::Policy { slot, config } => (slot, config),
+        Governing::Broken { slot } => return fail_closed(slot, hook::SOCK_CREATE),
     };
     let sk = unsafe { &*ctx.sock };
     let (sock_family, sock_type, protocol) = (sk.family, sk.type_, sk.protocol);
@@ -73,7 +72,6 @@ pub fn enf_sock_create(ctx: SockContext) -> i32 {
         config,
         rule,
         Decision {
-            cgroup_id,
             slot,
             rule_id: 0,
             hook: hook::SOCK_CREATE,
@@ -87,24 +85,11 @@ pub fn enf_sock_create(ctx: SockContext) -> i32 {
     )
 }
 
-type Found = (u64, u32, &'static PolicyConfig);
-
-/// `None`: not confined. `Err`: confined but the slot holds no policy.
 #[inline(always)]
-fn governing() -> Option<Result<Found, (u64, u32)>> {
-    match governing_policy() {
-        Governing::None => None,
-        Governing::Broken { cgroup_id, slot } => Some(Err((cgroup_id, slot))),
-        Governing::Policy { cgroup_id, slot, config } => Some(Ok((cgroup_id, slot, config))),
-    }
-}
-
-#[inline(always)]
-fn fail_closed(cgroup_id: u64, slot: u32, hook: u8) -> i32 {
+fn fail_closed(slot: u32, hook: u8) -> i32 {
     count(counter::MISSING_POLICY);
     count_decision(slot, hook, verdict::DENY);
     emit_event(&Decision {
-        cgroup_id,
         slot,
         rule_id: 0,
         hook,
@@ -142,10 +127,9 @@ fn judge_v4(addr: [u8; 4], slot: u32, port: u16, bit: u8, config: &PolicyConfig)
 
 #[inline(always)]
 fn judge_sock_addr4(ctx: &SockAddrContext, hook: u8) -> i32 {
-    let Some(gov) = governing() else { return PASS };
-    let (cgroup_id, slot, config) = match gov {
-        Ok(found) => found,
-        Err((cgroup_id, slot)) => return fail_closed(cgroup_id, slot, hook),
+    let (slot, config) = match governing_policy() {
+        Governing::Policy { slot, config } => (slot, config),
+        Governing::Broken { slot } => return fail_closed(slot, hook),
     };
     let sa = unsafe { &*ctx.sock_addr };
     // user_ip4 and user_port hold network byte order.
@@ -159,7 +143,6 @@ fn judge_sock_addr4(ctx: &SockAddrContext, hook: u8) -> i32 {
         config,
         rule,
         Decision {
-            cgroup_id,
             slot,
             rule_id: 0,
             hook,
@@ -175,10 +158,9 @@ fn judge_sock_addr4(ctx: &SockAddrContext, hook: u8) -> i32 {
 
 #[inline(always)]
 fn judge_sock_addr6(ctx: &SockAddrContext, hook: u8) -> i32 {
-    let Some(gov) = governing() else { return PASS };
-    let (cgroup_id, slot, config) = match gov {
-        Ok(found) => found,
-        Err((cgroup_id, slot)) => return fail_closed(cgroup_id, slot, hook),
+    let (slot, config) = match governing_policy() {
+        Governing::Policy { slot, config } => (slot, config),
+        Governing::Broken { slot } => return fail_closed(slot, hook),
     };
     let sa = unsafe { &*ctx.sock_addr };
     let mut addr = [0u8; 16];
@@ -211,7 +193,6 @@ fn judge_sock_addr6(ctx: &SockAddrContext, hook: u8) -> i32 {
         config,
         rule,
         Decision {
-            cgroup_id,
             slot,
             rule_id: 0,
             hook,

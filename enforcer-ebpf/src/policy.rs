@@ -1,53 +1,39 @@
 //! Shared lookups: which policy governs the current task, and what a destination's
 //! clauses say.
-use aya_ebpf::helpers::generated::{
-    bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id,
-};
+use aya_ebpf::Global;
 use enforcer_common::{PolicyConfig, PrefixClauses, action, limits};
 
-use crate::maps::{ENF_CGROUPS, ENF_POLICIES};
+use crate::maps::{ENF_BINDINGS, ENF_POLICIES};
 
-/// The policy governing the current task.
+/// This program set's binding, set by the loader (`names::GLOBAL_BINDING`). The
+/// programs only run for sockets of the attached cgroup and its descendants, so the
+/// binding names the policy without looking up the task's cgroup.
+#[unsafe(no_mangle)]
+static ENF_BINDING: Global<u32> = Global::new(0);
+
+/// The policy this program set enforces.
 pub enum Governing {
-    /// No policy on the task's cgroup or any ancestor: not ours to judge.
-    None,
-    /// The slot is mapped but holds no policy: fail closed.
-    Broken { cgroup_id: u64, slot: u32 },
-    Policy { cgroup_id: u64, slot: u32, config: &'static PolicyConfig },
+    /// The binding holds no policy (being detached, or a controller died mid-write):
+    /// fail closed.
+    Broken { slot: u32 },
+    Policy { slot: u32, config: &'static PolicyConfig },
 }
 
-/// Nearest policy: the task's own cgroup first (the common case: the agent runs in the
-/// attached cgroup), then its ancestors from the deepest up.
 #[inline(always)]
 pub fn governing_policy() -> Governing {
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    if let Some(slot) = unsafe { ENF_CGROUPS.get(&cgroup_id) } {
-        return with_config(cgroup_id, *slot);
+    let slot = match ENF_BINDINGS.get(ENF_BINDING.load()) {
+        Some(b) => b.slot,
+        None => 0,
+    };
+    if slot == 0 || slot >= limits::MAX_POLICY_SLOTS {
+        return Governing::Broken { slot: 0 };
     }
-    // Levels deeper than the task's cgroup return 0; level 0 is the root.
-    let mut level = limits::MAX_CGROUP_DEPTH as i32;
-    while level > 0 {
-        level -= 1;
-        let ancestor = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
-        if ancestor == 0 {
-            continue;
-        }
-        if let Some(slot) = unsafe { ENF_CGROUPS.get(&ancestor) } {
-            return with_config(cgroup_id, *slot);
-        }
-    }
-    Governing::None
-}
-
-#[inline(always)]
-fn with_config(cgroup_id: u64, slot: u32) -> Governing {
     match ENF_POLICIES.get(slot) {
         Some(config) if config.in_use != 0 => Governing::Policy {
-            cgroup_id,
             slot,
             config: unsafe { &*(config as *const PolicyConfig) },
         },
-        _ => Governing::Broken { cgroup_id, slot },
+        _ => Governing::Broken { slot },
     }
 }
 

@@ -40,10 +40,15 @@ pub fn confine(mount: &Path, path: &Path, compiled: &CompiledPolicy) -> anyhow::
     let id = cgroup::cgroup_id(path)?;
     let shown = cgroup::display_path(mount, path);
     let _lock = StateLock::acquire()?;
-    let programs = ProgramSet::load()?;
+    let binding = match Tables::open_pinned() {
+        Ok(tables) => tables.binding_for(id)?,
+        Err(loader::LoaderError::NotAttached) => 1, // the first attach creates the tables
+        Err(e) => return Err(e.into()),
+    };
+    let programs = ProgramSet::load(binding)?;
     let mut tables = Tables::open_pinned()?;
     let had_links = loader::pinned_link_count(id) > 0;
-    let slot = tables.install(id, &shown, compiled)?;
+    let slot = tables.install(binding, id, &shown, compiled)?;
     if let Err(e) = programs.attach(path, id) {
         if !had_links {
             // Nothing of ours was enforcing here before: leave no policy behind.
@@ -52,7 +57,7 @@ pub fn confine(mount: &Path, path: &Path, compiled: &CompiledPolicy) -> anyhow::
         }
         return Err(e.into());
     }
-    info!(cgroup = %shown, cgroup_id = id, policy = %compiled.name, slot, "attached");
+    info!(cgroup = %shown, cgroup_id = id, policy = %compiled.name, binding, slot, "attached");
     Ok(Confinement { mount: mount.into(), path: path.into(), id, display: shown, slot, programs })
 }
 

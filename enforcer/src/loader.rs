@@ -20,11 +20,11 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues, RingBuf, lpm_trie::Key},
+    maps::{Array, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues, RingBuf, lpm_trie::Key},
     programs::{CgroupSock, CgroupSockAddr},
 };
 use enforcer_common::{
-    Net4Key, Net6Key, PolicyConfig, PrefixClauses, SLOT_PREFIX_BITS, decision_index, hook, limits,
+    Binding, Net4Key, Net6Key, PolicyConfig, PrefixClauses, SLOT_PREFIX_BITS, decision_index, hook, limits,
     names, verdict,
 };
 use serde::{Deserialize, Serialize};
@@ -57,6 +57,8 @@ pub enum LoaderError {
     Attach { program: &'static str, cgroup: PathBuf, #[source] source: io::Error },
     #[error("all {0} policy slots are in use; detach a cgroup first")]
     NoFreeSlot(u32),
+    #[error("all {0} attach bindings are in use; detach a cgroup first")]
+    NoFreeBinding(u32),
     #[error(
         "the policy tables are full while writing {table}; the previous policy stays in force"
     )]
@@ -131,15 +133,19 @@ pub struct ProgramSet {
 }
 
 impl ProgramSet {
-    /// Loads the programs; the tables are opened from their pins or created and pinned.
-    pub fn load() -> Result<Self, LoaderError> {
+    /// Loads the programs for one binding (see `enforcer_common::Binding`); the tables
+    /// are opened from their pins or created and pinned.
+    pub fn load(binding: u32) -> Result<Self, LoaderError> {
         if EBPF_OBJECT.is_empty() {
             return Err(LoaderError::NoPrograms);
         }
         ensure_bpffs()?;
         let dir = maps_dir();
         fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
-        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&dir).load(EBPF_OBJECT)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&dir)
+            .override_global(names::GLOBAL_BINDING, &binding, true)
+            .load(EBPF_OBJECT)?;
         for (name, _) in HOOKS {
             let program = ebpf.program_mut(name).ok_or(LoaderError::Program {
                 name,
@@ -255,7 +261,7 @@ pub fn read_slot_info(slot: u32) -> Option<SlotInfo> {
 
 /// The pinned policy tables and counters.
 pub struct Tables {
-    cgroups: HashMap<MapData, u64, u32>,
+    bindings: Array<MapData, Binding>,
     policies: Array<MapData, PolicyConfig>,
     net4: LpmTrie<MapData, Net4Key, PrefixClauses>,
     net6: LpmTrie<MapData, Net6Key, PrefixClauses>,
@@ -282,7 +288,7 @@ macro_rules! typed_map {
 impl Tables {
     pub fn open_pinned() -> Result<Self, LoaderError> {
         Ok(Self {
-            cgroups: typed_map!(names::MAP_CGROUPS),
+            bindings: typed_map!(names::MAP_BINDINGS),
             policies: typed_map!(names::MAP_POLICIES),
             net4: typed_map!(names::MAP_NET4),
             net6: typed_map!(names::MAP_NET6),
@@ -291,24 +297,47 @@ impl Tables {
         })
     }
 
+    /// cgroup id -> (binding, slot), for every confined cgroup.
+    fn bound(&self) -> BTreeMap<u64, (u32, u32)> {
+        (1..limits::MAX_BINDINGS)
+            .filter_map(|i| self.bindings.get(&i, 0).ok().map(|b| (i, b)))
+            .filter(|(_, b)| b.cgroup_id != 0)
+            .map(|(i, b)| (b.cgroup_id, (i, b.slot)))
+            .collect()
+    }
+
     /// cgroup id -> slot, for every confined cgroup.
     pub fn confined(&self) -> BTreeMap<u64, u32> {
-        self.cgroups.iter().flatten().collect()
+        self.bound().into_iter().map(|(cg, (_, slot))| (cg, slot)).collect()
     }
 
     pub fn slot_of(&self, cgroup_id: u64) -> Option<u32> {
-        self.cgroups.get(&cgroup_id, 0).ok()
+        self.bound().get(&cgroup_id).map(|&(_, slot)| slot)
+    }
+
+    /// The cgroup's binding, or a free one for a first attach.
+    pub fn binding_for(&self, cgroup_id: u64) -> Result<u32, LoaderError> {
+        let bound = self.bound();
+        if let Some(&(binding, _)) = bound.get(&cgroup_id) {
+            return Ok(binding);
+        }
+        let used: BTreeSet<u32> = bound.values().map(|&(b, _)| b).collect();
+        (1..limits::MAX_BINDINGS)
+            .find(|b| !used.contains(b))
+            .ok_or(LoaderError::NoFreeBinding(limits::MAX_BINDINGS - 1))
     }
 
     pub fn config(&self, slot: u32) -> Option<PolicyConfig> {
         self.policies.get(&slot, 0).ok().filter(|c| c.in_use != 0)
     }
 
-    /// Writes the policy into a free slot, then points the cgroup at it, then frees the
-    /// slot the cgroup had. On any error the new slot is cleared and the cgroup keeps
-    /// its previous policy. Call with the `StateLock` held.
+    /// Writes the policy into a free slot, then points the binding at it (one map
+    /// update: the programs see the old or the new policy), then frees the old slot. On
+    /// any error the new slot is cleared and the cgroup keeps its previous policy. Call
+    /// with the `StateLock` held.
     pub fn install(
         &mut self,
+        binding: u32,
         cgroup_id: u64,
         cgroup_display: &str,
         compiled: &CompiledPolicy,
@@ -336,9 +365,9 @@ impl Tables {
         fs::write(&info_path, serde_json::to_vec_pretty(&info).expect("serializable"))
             .map_err(io_err("writing", &info_path))?;
         let previous = self.slot_of(cgroup_id);
-        if let Err(source) = self.cgroups.insert(cgroup_id, slot, 0) {
+        if let Err(source) = self.bindings.set(binding, Binding { cgroup_id, slot, _pad: 0 }, 0) {
             let _ = self.clear_slot(slot);
-            return Err(LoaderError::TableFull { table: names::MAP_CGROUPS, source });
+            return Err(LoaderError::Map { name: names::MAP_BINDINGS, source });
         }
         if let Some(old) = previous.filter(|&old| old != slot) {
             self.clear_slot(old)?;
@@ -397,10 +426,10 @@ impl Tables {
 
     /// Forgets a cgroup's policy (after its links are gone).
     pub fn uninstall(&mut self, cgroup_id: u64) -> Result<Option<u32>, LoaderError> {
-        let Some(slot) = self.slot_of(cgroup_id) else { return Ok(None) };
-        self.cgroups
-            .remove(&cgroup_id)
-            .map_err(|source| LoaderError::Map { name: names::MAP_CGROUPS, source })?;
+        let Some(&(binding, slot)) = self.bound().get(&cgroup_id) else { return Ok(None) };
+        self.bindings
+            .set(binding, Binding { cgroup_id: 0, slot: 0, _pad: 0 }, 0)
+            .map_err(|source| LoaderError::Map { name: names::MAP_BINDINGS, source })?;
         self.clear_slot(slot)?;
         Ok(Some(slot))
     }

@@ -335,3 +335,32 @@ fn refuses_to_confine_the_root_or_its_own_cgroup() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to confine"), "{out:?}");
 }
+
+#[test]
+fn a_nested_attach_narrows_but_never_escapes_the_parent_policy() {
+    let parent = TestCgroup::new("parent");
+    let (a, b) = (loopback_port("127.0.0.1"), loopback_port("127.0.0.1"));
+    let parent_policy = policy("parent", "enforce", &allow_one_port(a));
+    let _p = Controller::attach(parent.arg(), &parent_policy, &[]);
+    let child = parent.child("child");
+    let child_arg = child.to_str().unwrap();
+    // The child's own policy allows both ports; the parent allows only `a`.
+    let child_policy = policy(
+        "child",
+        "enforce",
+        &format!("    default: deny\n    allow:\n      - cidr: 127.0.0.1/32\n        ports: [{a}, {b}]\n"),
+    );
+    let c = Controller::attach(child_arg, &child_policy, &[]);
+    let t = [format!("tcp:127.0.0.1:{a}"), format!("tcp:127.0.0.1:{b}")];
+    let t: Vec<&str> = t.iter().map(String::as_str).collect();
+    assert_outcomes(&t, &probe_in(&child, &t), &[true, false]);
+    drop(c);
+    let out = enforcer(&["detach", "--cgroup", child_arg]);
+    assert!(out.status.success(), "{out:?}");
+    // A child policy that denies `a` narrows the parent's.
+    let narrow = policy("narrow", "enforce", "    default: deny\n");
+    let _c = Controller::attach(child_arg, &narrow, &[]);
+    assert_outcomes(&t[..1], &probe_in(&child, &t[..1]), &[false]);
+    assert_outcomes(&t[..1], &probe_in(&parent.path, &t[..1]), &[true]);
+    let _ = enforcer(&["detach", "--cgroup", child_arg]);
+}
