@@ -74,7 +74,7 @@ enum Command {
     /// Try network operations and print what the kernel answered (one line each).
     #[command(hide = true)]
     Probe {
-        /// tcp:ADDR:PORT, udp:ADDR:PORT, sendto:ADDR:PORT, tfo:ADDR:PORT or raw.
+        /// tcp:ADDR:PORT, udp:ADDR:PORT, sendto:ADDR:PORT, tfo:ADDR:PORT, raw or icmp.
         #[arg(required = true)]
         targets: Vec<probe::Probe>,
     },
@@ -89,12 +89,12 @@ enum PolicyCommand {
     },
 }
 
-fn load_policy(path: &PathBuf, mode: Option<Mode>) -> anyhow::Result<compile::CompiledPolicy> {
+fn load_policy(path: &std::path::Path, mode: Option<Mode>) -> anyhow::Result<compile::CompiledPolicy> {
     let mut policy = policy::parse_policy_file(path)?;
     if let Some(mode) = mode {
         policy.mode = mode;
     }
-    Ok(compile::compile_policy(&policy).with_context(|| format!("{}", path.display()))?)
+    compile::compile_policy(&policy).with_context(|| format!("{}", path.display()))
 }
 
 fn main() -> ExitCode {
@@ -235,6 +235,7 @@ fn describe(p: &probe::Probe) -> String {
         probe::Probe::UdpSendto(a) => format!("sendto:{a}"),
         probe::Probe::TcpFastOpen(a) => format!("tfo:{a}"),
         probe::Probe::Raw => "raw".into(),
+        probe::Probe::Icmp => "icmp".into(),
     }
 }
 

@@ -21,17 +21,21 @@ pub enum Probe {
     TcpFastOpen(SocketAddr),
     /// socket(AF_INET, SOCK_RAW, IPPROTO_ICMP).
     Raw,
+    /// socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP): a "ping" socket.
+    Icmp,
 }
 
 impl std::str::FromStr for Probe {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        if s == "raw" {
-            return Ok(Self::Raw);
+        match s {
+            "raw" => return Ok(Self::Raw),
+            "icmp" => return Ok(Self::Icmp),
+            _ => {}
         }
         let (kind, addr) = s
             .split_once(':')
-            .ok_or_else(|| format!("{s:?}: expected KIND:ADDR:PORT (tcp, udp, sendto, tfo) or raw"))?;
+            .ok_or_else(|| format!("{s:?}: expected KIND:ADDR:PORT (tcp, udp, sendto, tfo), raw or icmp"))?;
         let addr: SocketAddr = addr
             .parse()
             .map_err(|e| format!("{s:?}: {e} (IPv6 as tcp:[::1]:80)"))?;
@@ -40,7 +44,7 @@ impl std::str::FromStr for Probe {
             "udp" => Ok(Self::UdpConnect(addr)),
             "sendto" => Ok(Self::UdpSendto(addr)),
             "tfo" => Ok(Self::TcpFastOpen(addr)),
-            other => Err(format!("{s:?}: unknown kind {other:?}: tcp, udp, sendto, tfo or raw")),
+            other => Err(format!("{s:?}: unknown kind {other:?}: tcp, udp, sendto, tfo, raw or icmp")),
         }
     }
 }
@@ -83,15 +87,19 @@ pub fn run(probe: &Probe) -> io::Result<()> {
             sock.send_to(b"enforcer-probe", addr).map(|_| ())
         }
         Probe::TcpFastOpen(addr) => tcp_fast_open(addr),
-        Probe::Raw => {
-            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            unsafe { libc::close(fd) };
-            Ok(())
-        }
+        Probe::Raw => open_close(libc::SOCK_RAW),
+        Probe::Icmp => open_close(libc::SOCK_DGRAM),
     }
+}
+
+/// Creates and closes an AF_INET socket of `sock_type` for IPPROTO_ICMP.
+fn open_close(sock_type: libc::c_int) -> io::Result<()> {
+    let fd = unsafe { libc::socket(libc::AF_INET, sock_type, libc::IPPROTO_ICMP) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    unsafe { libc::close(fd) };
+    Ok(())
 }
 
 fn tcp_fast_open(addr: &SocketAddr) -> io::Result<()> {
@@ -161,7 +169,8 @@ mod tests {
         assert_eq!("tcp:127.0.0.1:80".parse(), Ok(Probe::Tcp("127.0.0.1:80".parse().unwrap())));
         assert_eq!("sendto:[::1]:53".parse(), Ok(Probe::UdpSendto("[::1]:53".parse().unwrap())));
         assert_eq!("raw".parse(), Ok(Probe::Raw));
-        assert!("icmp:1.2.3.4:0".parse::<Probe>().unwrap_err().contains("unknown kind"));
+        assert_eq!("icmp".parse(), Ok(Probe::Icmp));
+        assert!("ping:1.2.3.4:0".parse::<Probe>().unwrap_err().contains("unknown kind"));
         assert!("tcp:nonsense".parse::<Probe>().is_err());
     }
 }

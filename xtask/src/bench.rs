@@ -4,6 +4,7 @@
 //! 2. an empty program (`return 1`) on connect4;
 //! 3. enforcer with a 10-rule policy;
 //! 4. enforcer with a 10,000-rule policy.
+//!
 //! The worker (this binary, re-executed) joins the bench cgroup before exec.
 use std::{
     ffi::CString,

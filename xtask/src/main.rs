@@ -138,7 +138,7 @@ fn setup() -> anyhow::Result<()> {
     if !succeeds(Command::new("bpf-linker").arg("--version")) {
         step("installing bpf-linker for LLVM 22 (about a minute)");
         run(Command::new("cargo")
-            .args(["install", "bpf-linker", "--no-default-features", "--features", "llvm-22", "--locked"])
+            .args(["install", "bpf-linker", "--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", LLVM_PREFIX))?;
     }
     step("toolchain ready");
