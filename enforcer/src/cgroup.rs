@@ -127,7 +127,7 @@ pub fn remove(path: &Path) -> Result<(), CgroupError> {
 
 /// Finds the cgroup directory whose id is `id` (a bounded walk of the tree); used to
 /// name the cgroup of an event that came from below an attach point.
-pub fn find_by_id(mount: &Path, under: &Path, id: u64) -> Option<PathBuf> {
+pub fn find_by_id(under: &Path, id: u64) -> Option<PathBuf> {
     const MAX_VISITED: usize = 10_000; // a walk, not a crawl of a huge host
     let mut stack = vec![under.to_path_buf()];
     let mut visited = 0;
@@ -146,7 +146,6 @@ pub fn find_by_id(mount: &Path, under: &Path, id: u64) -> Option<PathBuf> {
             }
         }
     }
-    let _ = mount;
     None
 }
 

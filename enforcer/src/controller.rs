@@ -3,7 +3,7 @@
 use std::{
     ffi::CString,
     os::unix::process::{CommandExt as _, ExitStatusExt as _},
-    path::{Path, PathBuf},
+    path::Path,
     process::ExitStatus,
     sync::atomic::Ordering,
 };
@@ -24,11 +24,9 @@ use enforcer_common::{hook, verdict};
 
 /// A cgroup under enforcement by this controller.
 pub struct Confinement {
-    pub mount: PathBuf,
-    pub path: PathBuf,
     pub id: u64,
+    /// The cgroup as users name it (`/agent.slice`).
     pub display: String,
-    pub slot: u32,
     pub programs: ProgramSet,
 }
 
@@ -58,7 +56,7 @@ pub fn confine(mount: &Path, path: &Path, compiled: &CompiledPolicy) -> anyhow::
         return Err(e.into());
     }
     info!(cgroup = %shown, cgroup_id = id, policy = %compiled.name, binding, slot, "attached");
-    Ok(Confinement { mount: mount.into(), path: path.into(), id, display: shown, slot, programs })
+    Ok(Confinement { id, display: shown, programs })
 }
 
 /// Removes enforcement from a cgroup: links first (the programs stop), then the policy.

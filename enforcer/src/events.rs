@@ -49,7 +49,7 @@ impl Enricher {
         if let Some(p) = self.cgroup_paths.get(&id) {
             return p.clone();
         }
-        let path = cgroup::find_by_id(&self.mount, &self.attach_point, id)
+        let path = cgroup::find_by_id(&self.attach_point, id)
             .map(|p| cgroup::display_path(&self.mount, &p))
             .unwrap_or_else(|| format!("cgroup-id:{id}"));
         self.cgroup_paths.insert(id, path.clone());

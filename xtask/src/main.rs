@@ -155,8 +155,11 @@ fn enforcer_bin() -> PathBuf {
 }
 
 fn test(filter: Option<&str>) -> anyhow::Result<()> {
+    let mut tally = Tally::default();
     step("unit tests (no root needed)");
-    run(Command::new("cargo").args(["test", "--workspace", "--exclude", "enforcer-tests", "--exclude", "enforcer-ebpf"]))?;
+    tally.run(Command::new("cargo").args([
+        "test", "--workspace", "--exclude", "enforcer-tests", "--exclude", "enforcer-ebpf",
+    ]))?;
     ensure!(
         is_root(),
         "the integration tests attach BPF programs to cgroups and need root; run `sudo cargo xtask test`"
@@ -170,7 +173,42 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     if let Some(f) = filter {
         cmd.arg(f);
     }
-    run(&mut cmd)
+    tally.run(&mut cmd)?;
+    // One closing line for the whole suite (cargo's own last line is a doc-test run).
+    println!("xtask: {} passed, {} failed", tally.passed, tally.failed);
+    ensure!(tally.passed > 0, "no test ran");
+    Ok(())
+}
+
+/// Sums cargo's `test result:` lines while passing its output through.
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+}
+
+impl Tally {
+    fn run(&mut self, cmd: &mut Command) -> anyhow::Result<()> {
+        let shown = format!("{cmd:?}");
+        let mut child = cmd.stdout(Stdio::piped()).spawn().with_context(|| format!("starting {shown}"))?;
+        for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                let count = |word: &str| -> u64 {
+                    rest.split(';')
+                        .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(word))
+                        .and_then(|n| n.trim().parse().ok())
+                        .unwrap_or(0)
+                };
+                self.passed += count(" passed");
+                self.failed += count(" failed");
+            }
+        }
+        let status = child.wait()?;
+        ensure!(status.success(), "{shown} failed: {status}");
+        Ok(())
+    }
 }
 
 /// Loopback servers the demo agent talks to.
