@@ -169,34 +169,43 @@ pub fn rfc3339_nanos(unix_ns: i128) -> String {
     )
 }
 
-/// Where event lines go.
+/// Where event lines go. Files get the hash-chained audit format (`audit`).
 pub enum Sink {
     Stdout,
     Stderr,
-    File(std::fs::File),
+    File(crate::audit::ChainWriter),
+}
+
+/// Size-based rotation of a file sink.
+#[derive(Clone, Copy, Debug)]
+pub struct Rotation {
+    pub max_bytes: u64,
+    pub keep: usize,
 }
 
 impl Sink {
-    /// `-` is stdout; anything else a file opened for appending.
-    pub fn open(target: &str) -> io::Result<Self> {
+    /// `-` is stdout; anything else a chained file, continued if it exists.
+    pub fn open(target: &str, rotation: Rotation) -> Result<Self, crate::audit::AuditError> {
         if target == "-" {
             return Ok(Self::Stdout);
         }
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(target)?;
-        Ok(Self::File(file))
+        crate::audit::ChainWriter::open(Path::new(target), Some(rotation.max_bytes), rotation.keep).map(Self::File)
     }
 
     pub fn write_event(&mut self, doc: &Value) -> io::Result<()> {
-        let mut line = serde_json::to_vec(doc).expect("serializable");
-        line.push(b'\n');
         match self {
-            Self::Stdout => {
-                let mut out = io::stdout().lock();
-                out.write_all(&line)?;
-                out.flush()
+            Self::Stdout | Self::Stderr => {
+                let mut line = serde_json::to_vec(doc).expect("serializable");
+                line.push(b'\n');
+                if matches!(self, Self::Stdout) {
+                    let mut out = io::stdout().lock();
+                    out.write_all(&line)?;
+                    out.flush()
+                } else {
+                    io::stderr().lock().write_all(&line)
+                }
             }
-            Self::Stderr => io::stderr().lock().write_all(&line),
-            Self::File(f) => f.write_all(&line),
+            Self::File(chain) => chain.append(doc).map_err(io::Error::other),
         }
     }
 }

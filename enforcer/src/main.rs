@@ -5,7 +5,8 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use enforcer::{
     cgroup, compile, controller,
-    events::{Enricher, Sink},
+    audit,
+    events::{Enricher, Rotation, Sink},
     policy::{self, Mode},
     probe,
 };
@@ -31,9 +32,11 @@ enum Command {
         /// Override the policy's mode.
         #[arg(long)]
         mode: Option<Mode>,
-        /// Where events go: a file (appended) or - for stdout.
+        /// Where events go: a file (hash-chained, continued if it exists) or - for stdout.
         #[arg(long, default_value = "-")]
         events: String,
+        #[command(flatten)]
+        rotation: RotationArgs,
         /// Serve Prometheus metrics at http://ADDR/metrics.
         #[arg(long)]
         metrics_addr: Option<String>,
@@ -45,9 +48,11 @@ enum Command {
         policy: PathBuf,
         #[arg(long)]
         mode: Option<Mode>,
-        /// Where events go: a file (appended), - for stdout; default stderr.
+        /// Where events go: a file (hash-chained), - for stdout; default stderr.
         #[arg(long)]
         events: Option<String>,
+        #[command(flatten)]
+        rotation: RotationArgs,
         /// Run the command as this user (default: SUDO_USER, else the caller).
         #[arg(long)]
         user: Option<String>,
@@ -71,12 +76,43 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Audit trail tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Try network operations and print what the kernel answered (one line each).
     #[command(hide = true)]
     Probe {
         /// tcp:ADDR:PORT, udp:ADDR:PORT, sendto:ADDR:PORT, tfo:ADDR:PORT, raw or icmp.
         #[arg(required = true)]
         targets: Vec<probe::Probe>,
+    },
+}
+
+#[derive(clap::Args)]
+struct RotationArgs {
+    /// Rotate an events file before it would pass this many bytes.
+    #[arg(long, default_value_t = 100 * 1024 * 1024)]
+    events_max_bytes: u64,
+    /// Rotated events files to keep (FILE.1 is the newest).
+    #[arg(long, default_value_t = 5)]
+    events_keep: usize,
+}
+
+impl RotationArgs {
+    fn rotation(&self) -> Rotation {
+        Rotation { max_bytes: self.events_max_bytes, keep: self.events_keep }
+    }
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify hash-chained events files (rotated ones oldest first: FILE.2 FILE.1
+    /// FILE); exits non-zero at the first edited, deleted, inserted or reordered record.
+    Verify {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
     },
 }
 
@@ -120,11 +156,11 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Attach { cgroup: name, policy, mode, events, metrics_addr } => {
+        Command::Attach { cgroup: name, policy, mode, events, rotation, metrics_addr } => {
             let compiled = load_policy(&policy, mode)?;
             let mount = cgroup::cgroup2_mount()?;
             let path = cgroup::resolve(&mount, &name)?;
-            let sink = Sink::open(&events).with_context(|| format!("opening events sink {events}"))?;
+            let sink = Sink::open(&events, rotation.rotation()).with_context(|| format!("opening events sink {events}"))?;
             let mut confinement = controller::confine(&mount, &path, &compiled)?;
             let ring = confinement.programs.take_events()?;
             let enricher = Enricher::new(&mount, &path);
@@ -135,14 +171,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             info!(cgroup = %confinement.display, "controller stopping; enforcement stays in force until `enforcer detach`");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { policy, mode, events, user, metrics_addr, command } => {
+        Command::Run { policy, mode, events, rotation, user, metrics_addr, command } => {
             let compiled = load_policy(&policy, mode)?;
             let run_as = controller::choose_run_as(user.as_deref())?;
             let mount = cgroup::cgroup2_mount()?;
             let path = mount.join(format!("enforcer-run-{}", std::process::id()));
             let sink = match events.as_deref() {
                 None => Sink::Stderr,
-                Some(target) => Sink::open(target).with_context(|| format!("opening events sink {target}"))?,
+                Some(target) => {
+                    Sink::open(target, rotation.rotation()).with_context(|| format!("opening events sink {target}"))?
+                }
             };
             let mut confinement = match controller::confine(&mount, &path, &compiled) {
                 Ok(c) => c,
@@ -219,6 +257,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Audit { command: AuditCommand::Verify { files } } => match audit::verify(&files) {
+            Ok(v) => {
+                let from = if v.starts_mid_chain { " (the chain starts in an earlier, missing segment)" } else { "" };
+                println!("ok: {} records, chain intact{from}", v.records);
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(tampering) => {
+                eprintln!("enforcer: audit chain broken: {tampering}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
         Command::Probe { targets } => {
             for target in &targets {
                 println!("{} {}", describe(target), probe::outcome(&probe::run(target)));

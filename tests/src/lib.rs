@@ -149,7 +149,11 @@ pub struct Controller {
 
 impl Controller {
     pub fn attach(cgroup: &str, policy: &TempFile, extra: &[&str]) -> Self {
-        let events = TempFile::empty("events.jsonl");
+        Self::attach_logging_to(cgroup, policy, TempFile::empty("events.jsonl"), extra)
+    }
+
+    /// Like `attach`, with events appended to a file the caller chose.
+    pub fn attach_logging_to(cgroup: &str, policy: &TempFile, events: TempFile, extra: &[&str]) -> Self {
         let mut child = Command::new(enforcer_bin())
             .args(["attach", "--cgroup", cgroup, "--policy", policy.arg(), "--events", events.arg()])
             .args(extra)
@@ -180,6 +184,13 @@ impl Controller {
         controller
     }
 
+    /// Stops the controller (SIGTERM) and hands back its events file.
+    pub fn stop(mut self) -> TempFile {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        std::mem::replace(&mut self.events, TempFile(PathBuf::new()))
+    }
+
     pub fn kill9(&mut self) {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
         let _ = self.child.wait();
@@ -207,8 +218,11 @@ impl Controller {
 
 impl Drop for Controller {
     fn drop(&mut self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
+        // Only signal a child not yet reaped: a reaped pid may belong to someone else.
+        if let Ok(None) = self.child.try_wait() {
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let _ = self.child.wait();
+        }
     }
 }
 
