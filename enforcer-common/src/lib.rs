@@ -100,6 +100,11 @@ pub mod counter {
     pub const COUNT: u32 = 4;
 }
 
+/// `rule_id` of events decided by the kill switch rather than a rule.
+pub const RULE_ISOLATED: u32 = u32::MAX;
+/// `rule_id` of events denied because the binding held no policy.
+pub const RULE_FAIL_CLOSED: u32 = u32::MAX - 1;
+
 /// Protocol bits used in clauses and policy configs.
 pub mod proto {
     pub const TCP: u8 = 1 << 0;
@@ -129,7 +134,9 @@ pub struct Binding {
     pub cgroup_id: u64,
     /// Policy slot in force; 0 (or a slot not in use) denies everything.
     pub slot: u32,
-    pub _pad: u32,
+    /// Kill switch (`enforcer isolate`): non-zero denies every network operation of the
+    /// cgroup, whatever the policy and its mode say.
+    pub isolated: u32,
 }
 const _: () = assert!(core::mem::size_of::<Binding>() == 16);
 

@@ -5,8 +5,8 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext},
 };
 use enforcer_common::{
-    Net4Key, Net6Key, PolicyConfig, SLOT_PREFIX_BITS, action, counter, family, hook, mode, proto,
-    verdict,
+    Net4Key, Net6Key, PolicyConfig, RULE_FAIL_CLOSED, RULE_ISOLATED, SLOT_PREFIX_BITS, action,
+    counter, family, hook, mode, proto, verdict,
 };
 
 use crate::{
@@ -50,14 +50,15 @@ pub fn enf_sendmsg6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock(sock_create)]
 pub fn enf_sock_create(ctx: SockContext) -> i32 {
-    let (slot, config) = match governing_policy() {
-        Governing::Policy { slot, config } => (slot, config),
+    let (slot, config, isolated) = match governing_policy() {
+        Governing::Policy { slot, config, isolated } => (slot, config, isolated),
         Governing::Broken { slot } => return fail_closed(slot, hook::SOCK_CREATE),
     };
     let sk = unsafe { &*ctx.sock };
     let (sock_family, sock_type, protocol) = (sk.family, sk.type_, sk.protocol);
+    let plain_tcp_udp = matches!((sock_type, protocol), (SOCK_STREAM, IPPROTO_TCP) | (SOCK_DGRAM, IPPROTO_UDP));
     let allowed = match (sock_type, protocol) {
-        (SOCK_STREAM, IPPROTO_TCP) | (SOCK_DGRAM, IPPROTO_UDP) => true,
+        _ if plain_tcp_udp => true,
         (SOCK_DGRAM, IPPROTO_ICMP | IPPROTO_ICMPV6) => config.allow_icmp != 0,
         (SOCK_RAW, _) => config.allow_raw_sockets != 0,
         // SCTP, UDP-Lite, MPTCP, ...: their destinations are not judged by our
@@ -68,8 +69,11 @@ pub fn enf_sock_create(ctx: SockContext) -> i32 {
         action: if allowed { action::ALLOW } else { action::DENY },
         rule_id: 0,
     };
+    // Under isolation plain TCP/UDP sockets may still be made: their connects and sends
+    // are denied with the destination on record. Anything else would bypass those hooks.
     finish(
         config,
+        isolated && !plain_tcp_udp,
         rule,
         Decision {
             slot,
@@ -91,7 +95,7 @@ fn fail_closed(slot: u32, hook: u8) -> i32 {
     count_decision(slot, hook, verdict::DENY);
     emit_event(&Decision {
         slot,
-        rule_id: 0,
+        rule_id: RULE_FAIL_CLOSED,
         hook,
         verdict: verdict::DENY,
         family: 0,
@@ -127,8 +131,8 @@ fn judge_v4(addr: [u8; 4], slot: u32, port: u16, bit: u8, config: &PolicyConfig)
 
 #[inline(always)]
 fn judge_sock_addr4(ctx: &SockAddrContext, hook: u8) -> i32 {
-    let (slot, config) = match governing_policy() {
-        Governing::Policy { slot, config } => (slot, config),
+    let (slot, config, isolated) = match governing_policy() {
+        Governing::Policy { slot, config, isolated } => (slot, config, isolated),
         Governing::Broken { slot } => return fail_closed(slot, hook),
     };
     let sa = unsafe { &*ctx.sock_addr };
@@ -141,6 +145,7 @@ fn judge_sock_addr4(ctx: &SockAddrContext, hook: u8) -> i32 {
     event_addr[..4].copy_from_slice(&addr);
     finish(
         config,
+        isolated,
         rule,
         Decision {
             slot,
@@ -158,8 +163,8 @@ fn judge_sock_addr4(ctx: &SockAddrContext, hook: u8) -> i32 {
 
 #[inline(always)]
 fn judge_sock_addr6(ctx: &SockAddrContext, hook: u8) -> i32 {
-    let (slot, config) = match governing_policy() {
-        Governing::Policy { slot, config } => (slot, config),
+    let (slot, config, isolated) = match governing_policy() {
+        Governing::Policy { slot, config, isolated } => (slot, config, isolated),
         Governing::Broken { slot } => return fail_closed(slot, hook),
     };
     let sa = unsafe { &*ctx.sock_addr };
@@ -191,6 +196,7 @@ fn judge_sock_addr6(ctx: &SockAddrContext, hook: u8) -> i32 {
     };
     finish(
         config,
+        isolated,
         rule,
         Decision {
             slot,
@@ -206,10 +212,14 @@ fn judge_sock_addr6(ctx: &SockAddrContext, hook: u8) -> i32 {
     )
 }
 
-/// Applies the mode, counts, emits, and returns the program's answer.
+/// Applies the kill switch and the mode, counts, emits, and returns the program's
+/// answer. Isolation denies even in audit mode: it is the incident responder's call.
 #[inline(always)]
-fn finish(config: &PolicyConfig, rule: RuleVerdict, mut decision: Decision) -> i32 {
-    let (outcome, ret) = if rule.action == action::DENY {
+fn finish(config: &PolicyConfig, isolated: bool, rule: RuleVerdict, mut decision: Decision) -> i32 {
+    let rule = if isolated { RuleVerdict { action: action::DENY, rule_id: RULE_ISOLATED } } else { rule };
+    let (outcome, ret) = if isolated {
+        (verdict::DENY, REJECT)
+    } else if rule.action == action::DENY {
         if config.mode == mode::AUDIT { (verdict::AUDIT_DENY, PASS) } else { (verdict::DENY, REJECT) }
     } else {
         (verdict::ALLOW, PASS)

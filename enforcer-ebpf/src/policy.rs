@@ -16,14 +16,15 @@ pub enum Governing {
     /// The binding holds no policy (being detached, or a controller died mid-write):
     /// fail closed.
     Broken { slot: u32 },
-    Policy { slot: u32, config: &'static PolicyConfig },
+    /// `isolated`: the kill switch is on; deny whatever the rules say.
+    Policy { slot: u32, config: &'static PolicyConfig, isolated: bool },
 }
 
 #[inline(always)]
 pub fn governing_policy() -> Governing {
-    let slot = match ENF_BINDINGS.get(ENF_BINDING.load()) {
-        Some(b) => b.slot,
-        None => 0,
+    let (slot, isolated) = match ENF_BINDINGS.get(ENF_BINDING.load()) {
+        Some(b) => (b.slot, b.isolated != 0),
+        None => (0, false),
     };
     if slot == 0 || slot >= limits::MAX_POLICY_SLOTS {
         return Governing::Broken { slot: 0 };
@@ -32,6 +33,7 @@ pub fn governing_policy() -> Governing {
         Some(config) if config.in_use != 0 => Governing::Policy {
             slot,
             config: unsafe { &*(config as *const PolicyConfig) },
+            isolated,
         },
         _ => Governing::Broken { slot },
     }

@@ -60,7 +60,7 @@ pub fn confine(mount: &Path, path: &Path, compiled: &CompiledPolicy) -> anyhow::
 }
 
 /// Removes enforcement from a cgroup: links first (the programs stop), then the policy.
-pub fn release(id: u64) -> anyhow::Result<(usize, Option<u32>)> {
+pub fn unconfine(id: u64) -> anyhow::Result<(usize, Option<u32>)> {
     let _lock = StateLock::acquire()?;
     let links = loader::detach_links(id)?;
     let slot = match Tables::open_pinned() {
@@ -77,6 +77,49 @@ pub fn release(id: u64) -> anyhow::Result<(usize, Option<u32>)> {
         Err(e) => return Err(e.into()),
     };
     Ok((links, slot))
+}
+
+/// `isolate` / `release`: flips the kill switch of a confined cgroup and, with
+/// `freeze`, freezes or thaws its processes (cgroup.freeze) for forensics. Returns the
+/// event that records it.
+pub fn kill_switch(mount: &Path, path: &Path, isolate: bool, freeze: bool) -> anyhow::Result<serde_json::Value> {
+    let id = cgroup::cgroup_id(path)?;
+    let shown = cgroup::display_path(mount, path);
+    let _lock = StateLock::acquire()?;
+    let mut tables = match Tables::open_pinned() {
+        Ok(t) => t,
+        Err(loader::LoaderError::NotAttached) => bail!("{shown} is not confined by enforcer: attach a policy first"),
+        Err(e) => return Err(e.into()),
+    };
+    let policy = tables.slot_of(id).and_then(|s| tables.config(s)).map(|c| c.name_str().to_string());
+    if !tables.set_isolated(id, isolate)? {
+        bail!("{shown} is not confined by enforcer: attach a policy first");
+    }
+    let frozen = if freeze || !isolate {
+        // release always thaws: a frozen cgroup that is released must run again.
+        let value = if isolate { "1" } else { "0" };
+        let file = path.join("cgroup.freeze");
+        match std::fs::write(&file, value) {
+            Ok(()) => Some(isolate),
+            Err(e) if freeze => return Err(e).with_context(|| format!("writing {}", file.display())),
+            Err(_) => None,
+        }
+    } else {
+        None
+    };
+    let action = if isolate { "isolate" } else { "release" };
+    info!(cgroup = %shown, action, frozen = ?frozen, "kill switch");
+    Ok(json!({
+        "@timestamp": events::rfc3339_nanos(
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0)
+        ),
+        "event": { "kind": "event", "category": ["configuration"], "action": action, "type": ["change"], "outcome": "success" },
+        "enforcer": { "isolated": isolate, "frozen": frozen },
+        "cgroup": { "path": shown, "id": id },
+        "policy": { "name": policy },
+        "user": { "id": unsafe { libc::getuid() }.to_string() },
+        "process": { "pid": std::process::id() },
+    }))
 }
 
 /// Reads decision events from the ring buffer and writes them until `stop` resolves.
@@ -261,6 +304,7 @@ pub fn status_report() -> anyhow::Result<serde_json::Value> {
         attached.push(json!({
             "cgroup": info.cgroup,
             "cgroup_id": cgroup_id,
+            "isolated": tables.is_isolated(cgroup_id),
             "slot": slot,
             "policy": config.map(|c| c.name_str().to_string()),
             "mode": info.mode,

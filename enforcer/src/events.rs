@@ -78,6 +78,8 @@ impl Enricher {
         let decided = ev.verdict == verdict::DENY;
         let rule_name = match ev.rule_id {
             0 => "default".to_string(),
+            enforcer_common::RULE_ISOLATED => "isolated".to_string(),
+            enforcer_common::RULE_FAIL_CLOSED => "fail-closed".to_string(),
             id => info.rules.get(id as usize - 1).cloned().unwrap_or_else(|| format!("rule-{id}")),
         };
         let comm_len = ev.comm.iter().position(|&b| b == 0).unwrap_or(ev.comm.len());

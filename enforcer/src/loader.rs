@@ -297,22 +297,36 @@ impl Tables {
         })
     }
 
-    /// cgroup id -> (binding, slot), for every confined cgroup.
-    fn bound(&self) -> BTreeMap<u64, (u32, u32)> {
+    /// cgroup id -> (binding index, binding), for every confined cgroup.
+    fn bound(&self) -> BTreeMap<u64, (u32, Binding)> {
         (1..limits::MAX_BINDINGS)
             .filter_map(|i| self.bindings.get(&i, 0).ok().map(|b| (i, b)))
             .filter(|(_, b)| b.cgroup_id != 0)
-            .map(|(i, b)| (b.cgroup_id, (i, b.slot)))
+            .map(|(i, b)| (b.cgroup_id, (i, b)))
             .collect()
+    }
+
+    /// Turns the kill switch of a confined cgroup on or off (one map update). Returns
+    /// false when the cgroup is not confined.
+    pub fn set_isolated(&mut self, cgroup_id: u64, on: bool) -> Result<bool, LoaderError> {
+        let Some(&(index, binding)) = self.bound().get(&cgroup_id) else { return Ok(false) };
+        self.bindings
+            .set(index, Binding { isolated: on as u32, ..binding }, 0)
+            .map_err(|source| LoaderError::Map { name: names::MAP_BINDINGS, source })?;
+        Ok(true)
+    }
+
+    pub fn is_isolated(&self, cgroup_id: u64) -> bool {
+        self.bound().get(&cgroup_id).is_some_and(|(_, b)| b.isolated != 0)
     }
 
     /// cgroup id -> slot, for every confined cgroup.
     pub fn confined(&self) -> BTreeMap<u64, u32> {
-        self.bound().into_iter().map(|(cg, (_, slot))| (cg, slot)).collect()
+        self.bound().into_iter().map(|(cg, (_, b))| (cg, b.slot)).collect()
     }
 
     pub fn slot_of(&self, cgroup_id: u64) -> Option<u32> {
-        self.bound().get(&cgroup_id).map(|&(_, slot)| slot)
+        self.bound().get(&cgroup_id).map(|(_, b)| b.slot)
     }
 
     /// The cgroup's binding, or a free one for a first attach.
@@ -365,7 +379,9 @@ impl Tables {
         fs::write(&info_path, serde_json::to_vec_pretty(&info).expect("serializable"))
             .map_err(io_err("writing", &info_path))?;
         let previous = self.slot_of(cgroup_id);
-        if let Err(source) = self.bindings.set(binding, Binding { cgroup_id, slot, _pad: 0 }, 0) {
+        // A new policy does not lift the kill switch; only `release` does.
+        let isolated = self.is_isolated(cgroup_id) as u32;
+        if let Err(source) = self.bindings.set(binding, Binding { cgroup_id, slot, isolated }, 0) {
             let _ = self.clear_slot(slot);
             return Err(LoaderError::Map { name: names::MAP_BINDINGS, source });
         }
@@ -426,9 +442,9 @@ impl Tables {
 
     /// Forgets a cgroup's policy (after its links are gone).
     pub fn uninstall(&mut self, cgroup_id: u64) -> Result<Option<u32>, LoaderError> {
-        let Some(&(binding, slot)) = self.bound().get(&cgroup_id) else { return Ok(None) };
+        let Some(&(binding, Binding { slot, .. })) = self.bound().get(&cgroup_id) else { return Ok(None) };
         self.bindings
-            .set(binding, Binding { cgroup_id: 0, slot: 0, _pad: 0 }, 0)
+            .set(binding, Binding { cgroup_id: 0, slot: 0, isolated: 0 }, 0)
             .map_err(|source| LoaderError::Map { name: names::MAP_BINDINGS, source })?;
         self.clear_slot(slot)?;
         Ok(Some(slot))

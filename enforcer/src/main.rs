@@ -61,6 +61,24 @@ enum Command {
         #[arg(required = true, last = true)]
         command: Vec<String>,
     },
+    /// Kill switch: deny every new network operation of a confined cgroup at once,
+    /// whatever its policy says; `--freeze` also freezes its processes for forensics.
+    Isolate {
+        #[arg(long)]
+        cgroup: String,
+        #[arg(long)]
+        freeze: bool,
+        /// Where the record of this action goes: a file (hash-chained) or - for stdout.
+        #[arg(long, default_value = "-")]
+        events: String,
+    },
+    /// Undo `isolate` (and thaw a frozen cgroup); the policy applies again.
+    Release {
+        #[arg(long)]
+        cgroup: String,
+        #[arg(long, default_value = "-")]
+        events: String,
+    },
     /// Remove enforcement from a cgroup.
     Detach {
         #[arg(long)]
@@ -219,15 +237,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 })
             })();
             controller::remove_run_cgroup(&path);
-            controller::release(confinement.id)?;
+            controller::unconfine(confinement.id)?;
             let code = outcome?;
             Ok(ExitCode::from(code.clamp(0, 255) as u8))
         }
+        Command::Isolate { cgroup: name, freeze, events } => kill_switch(&name, true, freeze, &events),
+        Command::Release { cgroup: name, events } => kill_switch(&name, false, false, &events),
         Command::Detach { cgroup: name } => {
             let mount = cgroup::cgroup2_mount()?;
             let path = cgroup::resolve(&mount, &name)?;
             let id = cgroup::cgroup_id(&path)?;
-            let (links, slot) = controller::release(id)?;
+            let (links, slot) = controller::unconfine(id)?;
             if links == 0 && slot.is_none() {
                 anyhow::bail!("{} is not confined by enforcer", cgroup::display_path(&mount, &path));
             }
@@ -277,6 +297,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+fn kill_switch(name: &str, isolate: bool, freeze: bool, events: &str) -> anyhow::Result<ExitCode> {
+    let mount = cgroup::cgroup2_mount()?;
+    let path = cgroup::resolve(&mount, name)?;
+    // Open the sink first: an action that cannot be recorded is not taken.
+    let mut sink = Sink::open(events, Rotation { max_bytes: u64::MAX, keep: 1 })
+        .with_context(|| format!("opening events sink {events}"))?;
+    let record = controller::kill_switch(&mount, &path, isolate, freeze)?;
+    sink.write_event(&record).context("recording the action")?;
+    Ok(ExitCode::SUCCESS)
+}
+
 fn describe(p: &probe::Probe) -> String {
     match p {
         probe::Probe::Tcp(a) => format!("tcp:{a}"),
@@ -294,17 +325,18 @@ fn print_status(report: &serde_json::Value) {
         println!("no cgroup is confined");
         return;
     }
-    println!("{:<32} {:<20} {:<8} {:>5}  decisions", "CGROUP", "POLICY", "MODE", "LINKS");
+    println!("{:<32} {:<20} {:<8} {:<8} {:>5}  decisions", "CGROUP", "POLICY", "MODE", "ISOLATED", "LINKS");
     for a in attached {
         let decisions = a["decisions"]
             .as_object()
             .map(|d| d.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "))
             .unwrap_or_default();
         println!(
-            "{:<32} {:<20} {:<8} {:>5}  {}",
+            "{:<32} {:<20} {:<8} {:<8} {:>5}  {}",
             a["cgroup"].as_str().unwrap_or("?"),
             a["policy"].as_str().unwrap_or("<none>"),
             a["mode"].as_str().unwrap_or("?"),
+            if a["isolated"] == true { "YES" } else { "no" },
             a["links"],
             decisions
         );

@@ -29,16 +29,23 @@ pub fn render() -> String {
         &["policy", "mode", "cgroup"],
     )
     .expect("valid metric");
+    let isolated = IntGaugeVec::new(
+        Opts::new("enforcer_isolated", "1 while a cgroup's kill switch is on (enforcer isolate)"),
+        &["cgroup"],
+    )
+    .expect("valid metric");
     for m in [&decisions, &lost] {
         registry.register(Box::new(m.clone())).expect("unique metric");
     }
     registry.register(Box::new(fail_closed.clone())).expect("unique metric");
     registry.register(Box::new(info.clone())).expect("unique metric");
+    registry.register(Box::new(isolated.clone())).expect("unique metric");
 
     if let Ok(tables) = Tables::open_pinned() {
-        for (_, slot) in tables.confined() {
+        for (cgroup_id, slot) in tables.confined() {
             let Some(config) = tables.config(slot) else { continue };
             let slot_info = loader::read_slot_info(slot).unwrap_or_default();
+            isolated.with_label_values(&[slot_info.cgroup.as_str()]).set(tables.is_isolated(cgroup_id) as i64);
             let name = config.name_str().to_string();
             info.with_label_values(&[name.as_str(), slot_info.mode.as_str(), slot_info.cgroup.as_str()]).set(1);
             for (h, v, count) in tables.decisions(slot) {

@@ -1,0 +1,90 @@
+//! Incident response: the kill switch blocks a cgroup's allowed traffic at once,
+//! survives a policy re-attach, overrides audit mode, and `release` restores it.
+use enforcer_tests::*;
+
+fn frozen(cgroup: &std::path::Path) -> bool {
+    std::fs::read_to_string(cgroup.join("cgroup.events")).unwrap().lines().any(|l| l == "frozen 1")
+}
+
+#[test]
+fn isolate_blocks_allowed_traffic_at_once_and_release_restores_it() {
+    let cg = TestCgroup::new("isolate");
+    let port = loopback_port("127.0.0.1");
+    let t = [format!("tcp:127.0.0.1:{port}"), format!("sendto:127.0.0.1:{port}")];
+    let t: Vec<&str> = t.iter().map(String::as_str).collect();
+    let p = policy("isolate", "enforce", &format!("    default: deny\n    allow:\n      - ip: 127.0.0.1\n        ports: [{port}]\n"));
+    let c = Controller::attach(cg.arg(), &p, &[]);
+    assert_outcomes(&t, &probe_in(&cg.path, &t), &[true, true]);
+
+    let record = TempFile::empty("isolate.jsonl");
+    let out = enforcer(&["isolate", "--cgroup", cg.arg(), "--events", record.arg()]);
+    assert!(out.status.success(), "isolate failed: {out:?}");
+    assert_outcomes(&t, &probe_in(&cg.path, &t), &[false, false]);
+    let ev = c.wait_event("denied by the kill switch", |e| e["rule"]["name"] == "isolated");
+    assert_eq!(ev["destination"]["port"], port, "isolation still records where the agent tried to go");
+    let status: serde_json::Value = serde_json::from_slice(&enforcer(&["status", "--json"]).stdout).unwrap();
+    let mine = status["attached"].as_array().unwrap().iter().find(|a| a["cgroup_id"] == cg.id()).cloned().unwrap();
+    assert_eq!(mine["isolated"], true, "{status}");
+
+    // Neither a new policy nor audit mode lifts the kill switch.
+    drop(c);
+    let _audit = Controller::attach(cg.arg(), &p, &["--mode", "audit"]);
+    assert_outcomes(&t, &probe_in(&cg.path, &t), &[false, false]);
+
+    let out = enforcer(&["release", "--cgroup", cg.arg(), "--events", record.arg()]);
+    assert!(out.status.success(), "release failed: {out:?}");
+    assert_outcomes(&t, &probe_in(&cg.path, &t), &[true, true]);
+
+    let actions: Vec<String> =
+        read_events(&record.0).iter().map(|e| e["event"]["action"].as_str().unwrap().to_string()).collect();
+    assert_eq!(actions, ["isolate", "release"], "both actions are recorded");
+    let verify = enforcer(&["audit", "verify", record.arg()]);
+    assert!(verify.status.success(), "the action record is chained: {verify:?}");
+}
+
+#[test]
+fn isolate_freeze_freezes_the_processes_and_release_thaws_them() {
+    let cg = TestCgroup::new("freeze");
+    let p = policy("freeze", "enforce", "    default: deny\n");
+    let _c = Controller::attach(cg.arg(), &p, &[]);
+    let mut sleeper = command_in(&cg.path, std::path::Path::new("/bin/sleep")).arg("30").spawn().unwrap();
+    let out = enforcer(&["isolate", "--cgroup", cg.arg(), "--freeze"]);
+    assert!(out.status.success(), "{out:?}");
+    let record: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the record goes to stdout by default");
+    assert_eq!(record["enforcer"]["frozen"], true);
+    let start = std::time::Instant::now();
+    while !frozen(&cg.path) && start.elapsed() < std::time::Duration::from_secs(5) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(frozen(&cg.path), "cgroup.events must report frozen 1");
+    let out = enforcer(&["release", "--cgroup", cg.arg()]);
+    assert!(out.status.success(), "{out:?}");
+    let start = std::time::Instant::now();
+    while frozen(&cg.path) && start.elapsed() < std::time::Duration::from_secs(5) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(!frozen(&cg.path), "release thaws the cgroup");
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
+
+#[test]
+fn isolating_an_unconfined_cgroup_is_an_error() {
+    let cg = TestCgroup::new("unconfined");
+    let out = enforcer(&["isolate", "--cgroup", cg.arg()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not confined by enforcer"), "{out:?}");
+}
+
+#[test]
+fn isolation_refuses_raw_sockets_even_when_the_policy_allows_them() {
+    // Raw sockets send without the connect/sendmsg hooks, so isolation refuses them.
+    let cg = TestCgroup::new("isolate-raw");
+    let p = policy("isolate-raw", "enforce", "    default: deny\n    raw_sockets: true\n");
+    let _c = Controller::attach(cg.arg(), &p, &[]);
+    assert_eq!(probe_in(&cg.path, &["raw"]), vec!["ok"]);
+    assert!(enforcer(&["isolate", "--cgroup", cg.arg()]).status.success());
+    assert_eq!(probe_in(&cg.path, &["raw"]), vec!["EPERM"], "isolation overrides raw_sockets: true");
+    assert!(enforcer(&["release", "--cgroup", cg.arg()]).status.success());
+    assert_eq!(probe_in(&cg.path, &["raw"]), vec!["ok"]);
+}
