@@ -216,8 +216,12 @@ pub struct Clause {
     pub action: u8,
     /// 1-based index into the compiled policy's rule list (for events); 0 = default.
     pub rule_id: u16,
+    /// CLOCK_BOOTTIME nanoseconds after which the clause no longer applies (a
+    /// time-limited grant); 0 = never expires. Checked in the kernel, so it lapses
+    /// even if no controller runs.
+    pub expires_at: u64,
 }
-const _: () = assert!(core::mem::size_of::<Clause>() == 8);
+const _: () = assert!(core::mem::size_of::<Clause>() == 16);
 
 /// Value of an LPM entry: every clause of every rule whose CIDR covers the entry's
 /// prefix. Deny clauses win over allow clauses; no match falls back to the default.
@@ -225,17 +229,19 @@ const _: () = assert!(core::mem::size_of::<Clause>() == 8);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PrefixClauses {
     pub count: u32,
-    pub _pad: u32,
+    /// How many clauses carry an expiry: the kernel reads the clock (once, before its
+    /// loop) only when this is non-zero.
+    pub expiring: u32,
     pub clauses: [Clause; limits::MAX_CLAUSES_PER_PREFIX],
 }
-const _: () = assert!(core::mem::size_of::<PrefixClauses>() == 8 + 8 * limits::MAX_CLAUSES_PER_PREFIX);
+const _: () = assert!(core::mem::size_of::<PrefixClauses>() == 8 + 16 * limits::MAX_CLAUSES_PER_PREFIX);
 
 impl PrefixClauses {
     pub const fn empty() -> Self {
         Self {
             count: 0,
-            _pad: 0,
-            clauses: [Clause { port_lo: 0, port_hi: 0, protocols: 0, action: 0, rule_id: 0 };
+            expiring: 0,
+            clauses: [Clause { port_lo: 0, port_hi: 0, protocols: 0, action: 0, rule_id: 0, expires_at: 0 };
                 limits::MAX_CLAUSES_PER_PREFIX],
         }
     }

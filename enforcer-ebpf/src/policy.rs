@@ -1,6 +1,6 @@
 //! Shared lookups: which policy governs the current task, and what a destination's
 //! clauses say.
-use aya_ebpf::Global;
+use aya_ebpf::{Global, helpers::generated::bpf_ktime_get_boot_ns};
 use enforcer_common::{PolicyConfig, PrefixClauses, action, limits};
 
 use crate::maps::{ENF_BINDINGS, ENF_POLICIES};
@@ -57,12 +57,19 @@ pub fn judge_clauses(
     let mut allow_rule: u32 = 0;
     if let Some(entry) = clauses {
         let count = entry.count as usize;
+        // Read the clock only when a clause can expire (most never do), and outside the
+        // loop: a helper call inside it multiplies the verifier's work.
+        let now = if entry.expiring != 0 { unsafe { bpf_ktime_get_boot_ns() } } else { 0 };
         let mut i = 0;
         while i < limits::MAX_CLAUSES_PER_PREFIX {
             if i >= count {
                 break;
             }
             let clause = &entry.clauses[i];
+            i += 1;
+            if clause.expires_at != 0 && clause.expires_at <= now {
+                continue;
+            }
             if clause.protocols & proto_bit != 0 && clause.port_lo <= port && port <= clause.port_hi {
                 if clause.action == action::DENY {
                     return RuleVerdict { action: action::DENY, rule_id: clause.rule_id as u32 };
@@ -71,7 +78,6 @@ pub fn judge_clauses(
                     allow_rule = clause.rule_id as u32;
                 }
             }
-            i += 1;
         }
     }
     if allow_rule != 0 {

@@ -258,7 +258,7 @@ mod tests {
         let f = d.0.join("events.jsonl");
         write(&f, 3);
         write(&f, 2); // a restarted controller continues the chain
-        assert_eq!(verify(&[f.clone()]), Ok(Verified { records: 5, starts_mid_chain: false }));
+        assert_eq!(verify(std::slice::from_ref(&f)), Ok(Verified { records: 5, starts_mid_chain: false }));
         let seqs: Vec<u64> = lines(&f).iter().map(|l| serde_json::from_str::<Value>(l).unwrap()["chain"]["seq"].as_u64().unwrap()).collect();
         assert_eq!(seqs, vec![0, 1, 2, 3, 4]);
     }

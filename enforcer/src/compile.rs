@@ -67,7 +67,14 @@ fn clauses_of(r: &Numbered<'_>) -> Vec<Clause> {
     let ranges = if r.rule.ports.is_empty() { vec![(0, u16::MAX)] } else { r.rule.ports.clone() };
     ranges
         .into_iter()
-        .map(|(lo, hi)| Clause { port_lo: lo, port_hi: hi, protocols: r.rule.protocols, action: r.action, rule_id: r.id })
+        .map(|(lo, hi)| Clause {
+            port_lo: lo,
+            port_hi: hi,
+            protocols: r.rule.protocols,
+            action: r.action,
+            rule_id: r.id,
+            expires_at: r.rule.expires_at,
+        })
         .collect()
 }
 
@@ -112,6 +119,7 @@ fn compile_family<const N: usize>(
         }
         let mut entry = PrefixClauses::empty();
         entry.count = clauses.len() as u32;
+        entry.expiring = clauses.iter().filter(|c| c.expires_at != 0).count() as u32;
         entry.clauses[..clauses.len()].copy_from_slice(&clauses);
         out.push((addr, len, entry));
     }
@@ -177,10 +185,10 @@ pub fn compile_policy(policy: &Policy) -> Result<CompiledPolicy, CompileError> {
     Ok(CompiledPolicy { name: policy.name.clone(), config, net4, net6, rules })
 }
 
-/// A model of the kernel's decision, for tests and tooling: longest prefix, deny
-/// clauses first, then the first allow, then the default. Returns the action and the
-/// deciding rule id (0 = default).
-pub fn evaluate(compiled: &CompiledPolicy, addr: IpAddr, port: u16, proto_bit: u8) -> (Action, u16) {
+/// A model of the kernel's decision, for tests and tooling: longest prefix, clauses
+/// expired at `now` (CLOCK_BOOTTIME ns) skipped, deny clauses first, then the first
+/// allow, then the default. Returns the action and the deciding rule id (0 = default).
+pub fn evaluate(compiled: &CompiledPolicy, addr: IpAddr, port: u16, proto_bit: u8, now: u64) -> (Action, u16) {
     fn longest<'a, const N: usize>(
         entries: impl Iterator<Item = (&'a [u8; N], u8, &'a PrefixClauses)>,
         addr: [u8; N],
@@ -204,6 +212,9 @@ pub fn evaluate(compiled: &CompiledPolicy, addr: IpAddr, port: u16, proto_bit: u
     let mut allow = None;
     if let Some(e) = entry {
         for c in &e.clauses[..e.count as usize] {
+            if c.expires_at != 0 && c.expires_at <= now {
+                continue;
+            }
             if c.protocols & proto_bit != 0 && c.port_lo <= port && port <= c.port_hi {
                 if c.action == action::DENY {
                     return (Action::Deny, c.rule_id);
@@ -231,7 +242,7 @@ mod tests {
     }
 
     fn verdict(c: &CompiledPolicy, addr: &str, port: u16, proto: u8) -> (Action, u16) {
-        evaluate(c, addr.parse().unwrap(), port, proto)
+        evaluate(c, addr.parse().unwrap(), port, proto, 0)
     }
 
     #[test]
@@ -266,6 +277,22 @@ mod tests {
         assert_eq!(verdict(&c, "::", 443, TCP).0, Action::Allow, ":: is judged as ::1");
         assert_eq!(verdict(&c, "::1", 80, TCP).0, Action::Deny);
         assert_eq!(c.net6.len(), 1);
+    }
+
+    #[test]
+    fn expired_clauses_no_longer_apply() {
+        let text = "apiVersion: enforcer/v1\nkind: AgentPolicy\nmetadata:\n  name: t\nspec:\n  network:\n    deny:\n      - cidr: 10.0.0.0/8\n        ports: [22]\n";
+        let mut policy = parse_policy_str(text, "t.yaml").unwrap();
+        let mut grant = policy.network.deny[0].clone();
+        grant.name = "grant-1".into();
+        grant.ports = vec![];
+        grant.expires_at = 1_000;
+        policy.network.allow.push(grant);
+        let c = compile_policy(&policy).unwrap();
+        let at = |now| evaluate(&c, "10.1.2.3".parse().unwrap(), 443, TCP, now);
+        assert_eq!(at(999), (Action::Allow, 1), "the grant opens the destination until it expires");
+        assert_eq!(at(1_000), (Action::Deny, 0), "and closes when it does");
+        assert_eq!(evaluate(&c, "10.1.2.3".parse().unwrap(), 22, TCP, 0).0, Action::Deny, "deny rules win over grants");
     }
 
     #[test]

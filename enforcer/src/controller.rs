@@ -16,7 +16,9 @@ use tracing::{info, warn};
 
 use crate::{
     cgroup,
-    compile::CompiledPolicy,
+    compile::compile_policy,
+    grants::{self, Grant},
+    policy::Policy,
     events::{self, Enricher, Sink},
     loader::{self, ProgramSet, StateLock, Tables},
 };
@@ -32,21 +34,25 @@ pub struct Confinement {
 
 /// Writes the policy for the cgroup, then attaches the hooks (policy first, so the
 /// first decision already has it). A re-attach replaces the policy in one map update.
-pub fn confine(mount: &Path, path: &Path, compiled: &CompiledPolicy) -> anyhow::Result<Confinement> {
+pub fn confine(mount: &Path, path: &Path, base: &Policy) -> anyhow::Result<Confinement> {
     cgroup::check_safe_to_confine(mount, path)?;
     cgroup::create(path)?;
     let id = cgroup::cgroup_id(path)?;
     let shown = cgroup::display_path(mount, path);
     let _lock = StateLock::acquire()?;
+    // Grants outlive a re-attach until they expire.
+    let compiled = compile_policy(&grants::apply(base, &grants::live(id)))?;
     let binding = match Tables::open_pinned() {
         Ok(tables) => tables.binding_for(id)?,
         Err(loader::LoaderError::NotAttached) => 1, // the first attach creates the tables
         Err(e) => return Err(e.into()),
     };
+    let started = std::time::Instant::now();
     let programs = ProgramSet::load(binding)?;
+    tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "programs loaded and verified");
     let mut tables = Tables::open_pinned()?;
     let had_links = loader::pinned_link_count(id) > 0;
-    let slot = tables.install(binding, id, &shown, compiled)?;
+    let slot = tables.install(binding, id, &shown, &compiled, base)?;
     if let Err(e) = programs.attach(path, id) {
         if !had_links {
             // Nothing of ours was enforcing here before: leave no policy behind.
@@ -59,10 +65,41 @@ pub fn confine(mount: &Path, path: &Path, compiled: &CompiledPolicy) -> anyhow::
     Ok(Confinement { id, display: shown, programs })
 }
 
+/// `grant` / `revoke`: changes a confined cgroup's grants and re-installs its policy
+/// with them (a new slot and one binding update, as for a re-attach). Returns the
+/// grants after the change.
+pub fn update_grants(
+    mount: &Path,
+    path: &Path,
+    change: impl FnOnce(&mut Vec<Grant>) -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<Grant>> {
+    let id = cgroup::cgroup_id(path)?;
+    let shown = cgroup::display_path(mount, path);
+    let _lock = StateLock::acquire()?;
+    let not_confined = || anyhow::anyhow!("{shown} is not confined by enforcer: attach a policy first");
+    let mut tables = match Tables::open_pinned() {
+        Ok(t) => t,
+        Err(loader::LoaderError::NotAttached) => return Err(not_confined()),
+        Err(e) => return Err(e.into()),
+    };
+    let slot = tables.slot_of(id).ok_or_else(not_confined)?;
+    let base = loader::read_slot_info(slot)
+        .and_then(|info| info.spec)
+        .with_context(|| format!("the state of {shown}'s policy is missing under {}; attach it again", loader::STATE_DIR))?;
+    let mut grants = grants::live(id);
+    change(&mut grants)?;
+    let compiled = compile_policy(&grants::apply(&base, &grants))?;
+    let binding = tables.binding_for(id)?;
+    tables.install(binding, id, &shown, &compiled, &base)?;
+    grants::save(id, &grants).context("saving grants")?;
+    Ok(grants)
+}
+
 /// Removes enforcement from a cgroup: links first (the programs stop), then the policy.
 pub fn unconfine(id: u64) -> anyhow::Result<(usize, Option<u32>)> {
     let _lock = StateLock::acquire()?;
     let links = loader::detach_links(id)?;
+    let _ = grants::save(id, &[]);
     let slot = match Tables::open_pinned() {
         Ok(mut tables) => {
             let slot = tables.uninstall(id)?;
@@ -309,6 +346,7 @@ pub fn status_report() -> anyhow::Result<serde_json::Value> {
             "policy": config.map(|c| c.name_str().to_string()),
             "mode": info.mode,
             "links": loader::pinned_link_count(cgroup_id),
+            "grants": grants::live(cgroup_id),
             "decisions": decisions,
         }));
     }

@@ -6,6 +6,7 @@ pub mod cgroup;
 pub mod compile;
 pub mod controller;
 pub mod events;
+pub mod grants;
 pub mod loader;
 pub mod metrics;
 pub mod policy;

@@ -249,6 +249,9 @@ pub struct SlotInfo {
     pub mode: String,
     pub cgroup: String,
     pub rules: Vec<String>,
+    /// The policy without grants, re-compiled when grants change.
+    #[serde(default)]
+    pub spec: Option<crate::policy::Policy>,
 }
 
 fn slot_info_path(slot: u32) -> PathBuf {
@@ -355,6 +358,7 @@ impl Tables {
         cgroup_id: u64,
         cgroup_display: &str,
         compiled: &CompiledPolicy,
+        base: &crate::policy::Policy,
     ) -> Result<u32, LoaderError> {
         let used: BTreeSet<u32> = self.confined().into_values().collect();
         let slot = (1..limits::MAX_POLICY_SLOTS)
@@ -371,6 +375,7 @@ impl Tables {
             mode: if compiled.config.mode == enforcer_common::mode::AUDIT { "audit" } else { "enforce" }.into(),
             cgroup: cgroup_display.into(),
             rules: compiled.rules.iter().map(|r| r.name.clone()).collect(),
+            spec: Some(base.clone()),
         };
         let info_path = slot_info_path(slot);
         if let Some(parent) = info_path.parent() {

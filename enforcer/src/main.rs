@@ -4,8 +4,7 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use enforcer::{
-    cgroup, compile, controller,
-    audit,
+    audit, cgroup, compile, controller, grants,
     events::{Enricher, Rotation, Sink},
     policy::{self, Mode},
     probe,
@@ -79,6 +78,31 @@ enum Command {
         #[arg(long, default_value = "-")]
         events: String,
     },
+    /// Open a destination for a confined cgroup for a limited time. The kernel closes
+    /// it at expiry, controller or not. Deny rules still win.
+    Grant {
+        #[arg(long)]
+        cgroup: String,
+        /// CIDR, IP, IP:PORT or [IPv6]:PORT.
+        #[arg(long)]
+        allow: String,
+        /// 90s, 10m, 2h (at most 24h).
+        #[arg(long)]
+        ttl: String,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long, default_value = "-")]
+        events: String,
+    },
+    /// Remove a grant before it expires (ids are shown by `grant` and `status`).
+    Revoke {
+        #[arg(long)]
+        cgroup: String,
+        #[arg(long)]
+        id: u32,
+        #[arg(long, default_value = "-")]
+        events: String,
+    },
     /// Remove enforcement from a cgroup.
     Detach {
         #[arg(long)]
@@ -143,12 +167,15 @@ enum PolicyCommand {
     },
 }
 
-fn load_policy(path: &std::path::Path, mode: Option<Mode>) -> anyhow::Result<compile::CompiledPolicy> {
+/// Parses and compiles a policy file (so every error shows before anything is
+/// touched); returns the policy with `mode` applied, and its compiled form.
+fn load_policy(path: &std::path::Path, mode: Option<Mode>) -> anyhow::Result<(policy::Policy, compile::CompiledPolicy)> {
     let mut policy = policy::parse_policy_file(path)?;
     if let Some(mode) = mode {
         policy.mode = mode;
     }
-    compile::compile_policy(&policy).with_context(|| format!("{}", path.display()))
+    let compiled = compile::compile_policy(&policy).with_context(|| format!("{}", path.display()))?;
+    Ok((policy, compiled))
 }
 
 fn main() -> ExitCode {
@@ -175,11 +202,11 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Attach { cgroup: name, policy, mode, events, rotation, metrics_addr } => {
-            let compiled = load_policy(&policy, mode)?;
+            let (policy, _) = load_policy(&policy, mode)?;
             let mount = cgroup::cgroup2_mount()?;
             let path = cgroup::resolve(&mount, &name)?;
             let sink = Sink::open(&events, rotation.rotation()).with_context(|| format!("opening events sink {events}"))?;
-            let mut confinement = controller::confine(&mount, &path, &compiled)?;
+            let mut confinement = controller::confine(&mount, &path, &policy)?;
             let ring = confinement.programs.take_events()?;
             let enricher = Enricher::new(&mount, &path);
             runtime()?.block_on(async {
@@ -190,7 +217,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { policy, mode, events, rotation, user, metrics_addr, command } => {
-            let compiled = load_policy(&policy, mode)?;
+            let (policy, _) = load_policy(&policy, mode)?;
             let run_as = controller::choose_run_as(user.as_deref())?;
             let mount = cgroup::cgroup2_mount()?;
             let path = mount.join(format!("enforcer-run-{}", std::process::id()));
@@ -200,7 +227,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Sink::open(target, rotation.rotation()).with_context(|| format!("opening events sink {target}"))?
                 }
             };
-            let mut confinement = match controller::confine(&mount, &path, &compiled) {
+            let mut confinement = match controller::confine(&mount, &path, &policy) {
                 Ok(c) => c,
                 Err(e) => {
                     controller::remove_run_cgroup(&path);
@@ -243,6 +270,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Isolate { cgroup: name, freeze, events } => kill_switch(&name, true, freeze, &events),
         Command::Release { cgroup: name, events } => kill_switch(&name, false, false, &events),
+        Command::Grant { cgroup: name, allow, ttl, reason, events } => {
+            let (net, ports) = grants::parse_allow(&allow).map_err(anyhow::Error::msg)?;
+            let ttl = grants::parse_ttl(&ttl).map_err(anyhow::Error::msg)?;
+            change_grants(&name, &events, "grant", move |list| {
+                let id = list.iter().map(|g| g.id).max().unwrap_or(0) + 1;
+                let expires_at = grants::boot_now_ns() + ttl.as_nanos() as u64;
+                let unix_ns = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| (d + ttl).as_nanos() as i128)
+                    .unwrap_or(0);
+                list.push(grants::Grant {
+                    id,
+                    allow,
+                    net,
+                    ports,
+                    expires_at,
+                    expires: enforcer::events::rfc3339_nanos(unix_ns),
+                    reason,
+                    granted_by_uid: unsafe { libc::getuid() },
+                });
+                Ok(id)
+            })
+        }
+        Command::Revoke { cgroup: name, id, events } => change_grants(&name, &events, "revoke", move |list| {
+            let before = list.len();
+            list.retain(|g| g.id != id);
+            anyhow::ensure!(list.len() < before, "no live grant with id {id}");
+            Ok(id)
+        }),
         Command::Detach { cgroup: name } => {
             let mount = cgroup::cgroup2_mount()?;
             let path = cgroup::resolve(&mount, &name)?;
@@ -265,7 +321,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Policy { command: PolicyCommand::Check { files } } => {
             for file in &files {
-                let compiled = load_policy(file, None)?;
+                let (_, compiled) = load_policy(file, None)?;
                 println!(
                     "{}: ok: policy {:?}, {} rules, {} IPv4 and {} IPv6 prefixes",
                     file.display(),
@@ -308,6 +364,36 @@ fn kill_switch(name: &str, isolate: bool, freeze: bool, events: &str) -> anyhow:
     Ok(ExitCode::SUCCESS)
 }
 
+/// Runs a grant change and records it as an event.
+fn change_grants(
+    name: &str,
+    events: &str,
+    action: &str,
+    change: impl FnOnce(&mut Vec<grants::Grant>) -> anyhow::Result<u32>,
+) -> anyhow::Result<ExitCode> {
+    let mount = cgroup::cgroup2_mount()?;
+    let path = cgroup::resolve(&mount, name)?;
+    let mut sink = Sink::open(events, Rotation { max_bytes: u64::MAX, keep: 1 })
+        .with_context(|| format!("opening events sink {events}"))?;
+    let mut changed = 0;
+    let list = controller::update_grants(&mount, &path, |list| {
+        changed = change(list)?;
+        Ok(())
+    })?;
+    let grant = list.iter().find(|g| g.id == changed);
+    sink.write_event(&serde_json::json!({
+        "@timestamp": enforcer::events::rfc3339_nanos(
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0)
+        ),
+        "event": { "kind": "event", "category": ["configuration"], "action": action, "type": ["change"], "outcome": "success" },
+        "enforcer": { "grant": { "id": changed, "detail": grant } },
+        "cgroup": { "path": cgroup::display_path(&mount, &path) },
+        "user": { "id": unsafe { libc::getuid() }.to_string() },
+    }))
+    .context("recording the change")?;
+    Ok(ExitCode::SUCCESS)
+}
+
 fn describe(p: &probe::Probe) -> String {
     match p {
         probe::Probe::Tcp(a) => format!("tcp:{a}"),
@@ -340,6 +426,15 @@ fn print_status(report: &serde_json::Value) {
             a["links"],
             decisions
         );
+        for g in a["grants"].as_array().into_iter().flatten() {
+            println!(
+                "    grant {} allow {} until {}{}",
+                g["id"],
+                g["allow"].as_str().unwrap_or("?"),
+                g["expires"].as_str().unwrap_or("?"),
+                g["reason"].as_str().map(|r| format!(" ({r})")).unwrap_or_default()
+            );
+        }
     }
     println!("events lost: {}   fail-closed denials: {}", report["events_lost"], report["fail_closed"]);
 }

@@ -5,7 +5,7 @@
 //! every error reads `file:line:column: message`.
 use std::{fmt, net::IpAddr, path::Path, str::FromStr};
 
-use serde::{Deserialize, Deserializer, de};
+use serde::{Deserialize, Deserializer, Serialize, de};
 
 use enforcer_common::proto;
 
@@ -31,7 +31,7 @@ impl PolicyError {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     #[default]
@@ -59,7 +59,7 @@ impl FromStr for Mode {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     Allow,
@@ -77,7 +77,7 @@ impl fmt::Display for Action {
 }
 
 /// An address prefix with no host bits set.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum IpNet {
     V4 { addr: [u8; 4], len: u8 },
     V6 { addr: [u8; 16], len: u8 },
@@ -398,8 +398,10 @@ struct RawPolicy {
     spec: RawSpec,
 }
 
-/// A validated policy.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A validated policy. Serialize/Deserialize are for enforcer's own state files
+/// (the base policy of a slot, re-compiled when grants change); user input always goes
+/// through `parse_policy_*`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
     pub name: String,
     pub mode: Mode,
@@ -407,7 +409,7 @@ pub struct Policy {
     pub log_allowed: bool,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkPolicy {
     pub default: Action,
     pub allow: Vec<NetRule>,
@@ -416,7 +418,7 @@ pub struct NetworkPolicy {
     pub icmp: bool,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetRule {
     pub name: String,
     pub net: IpNet,
@@ -424,6 +426,9 @@ pub struct NetRule {
     pub ports: Vec<(u16, u16)>,
     /// `enforcer_common::proto` bits.
     pub protocols: u8,
+    /// CLOCK_BOOTTIME ns when the rule lapses (grants); 0 = never. Policy files cannot
+    /// set it.
+    pub expires_at: u64,
 }
 
 fn name_rules(list: &str, rules: Vec<CheckedRule>) -> Vec<NetRule> {
@@ -435,6 +440,7 @@ fn name_rules(list: &str, rules: Vec<CheckedRule>) -> Vec<NetRule> {
             net: r.net,
             ports: r.ports,
             protocols: r.protocols,
+            expires_at: 0,
         })
         .collect()
 }

@@ -88,3 +88,51 @@ fn isolation_refuses_raw_sockets_even_when_the_policy_allows_them() {
     assert!(enforcer(&["release", "--cgroup", cg.arg()]).status.success());
     assert_eq!(probe_in(&cg.path, &["raw"]), vec!["ok"]);
 }
+
+#[test]
+fn a_grant_opens_a_denied_destination_until_the_kernel_closes_it() {
+    let cg = TestCgroup::new("grant");
+    let (port, other) = (loopback_port("127.0.0.1"), loopback_port("127.0.0.1"));
+    let t = [format!("tcp:127.0.0.1:{port}"), format!("tcp:127.0.0.1:{other}")];
+    let t: Vec<&str> = t.iter().map(String::as_str).collect();
+    let p = policy("grant", "enforce", "    default: deny\n");
+    let mut c = Controller::attach(cg.arg(), &p, &[]);
+    assert_outcomes(&t, &probe_in(&cg.path, &t), &[false, false]);
+
+    let record = TempFile::empty("grants.jsonl");
+    let target = format!("127.0.0.1:{port}");
+    let out = enforcer(&["grant", "--cgroup", cg.arg(), "--allow", &target, "--ttl", "3s", "--reason", "ticket-42", "--events", record.arg()]);
+    assert!(out.status.success(), "grant failed: {out:?}");
+    assert_outcomes(&t, &probe_in(&cg.path, &t), &[true, false]);
+    let status: serde_json::Value = serde_json::from_slice(&enforcer(&["status", "--json"]).stdout).unwrap();
+    let mine = status["attached"].as_array().unwrap().iter().find(|a| a["cgroup_id"] == cg.id()).cloned().unwrap();
+    assert_eq!(mine["grants"][0]["reason"], "ticket-42", "{status}");
+
+    // The kernel closes it at expiry, with no controller running.
+    c.kill9();
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    assert_outcomes(&t, &probe_in(&cg.path, &t), &[false, false]);
+
+    let actions: Vec<String> = read_events(&record.0).iter().map(|e| e["event"]["action"].as_str().unwrap().into()).collect();
+    assert_eq!(actions, ["grant"]);
+}
+
+#[test]
+fn revoke_closes_a_grant_at_once_and_deny_rules_win_over_grants() {
+    let cg = TestCgroup::new("revoke");
+    let (port, denied) = (loopback_port("127.0.0.1"), loopback_port("127.0.0.1"));
+    let p = policy("revoke", "enforce", &format!("    default: deny\n    deny:\n      - ip: 127.0.0.1\n        ports: [{denied}]\n"));
+    let _c = Controller::attach(cg.arg(), &p, &[]);
+    let out = enforcer(&["grant", "--cgroup", cg.arg(), "--allow", "127.0.0.0/8", "--ttl", "10m"]);
+    assert!(out.status.success(), "grant failed: {out:?}");
+    let record: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = record["enforcer"]["grant"]["id"].as_u64().unwrap().to_string();
+    let t = [format!("tcp:127.0.0.1:{port}"), format!("tcp:127.0.0.1:{denied}")];
+    let t: Vec<&str> = t.iter().map(String::as_str).collect();
+    assert_outcomes(&t, &probe_in(&cg.path, &t), &[true, false]);
+    let out = enforcer(&["revoke", "--cgroup", cg.arg(), "--id", &id]);
+    assert!(out.status.success(), "revoke failed: {out:?}");
+    assert_outcomes(&t, &probe_in(&cg.path, &t), &[false, false]);
+    let again = enforcer(&["revoke", "--cgroup", cg.arg(), "--id", &id]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no live grant"), "{again:?}");
+}

@@ -1,11 +1,12 @@
-//! `cargo xtask bench`: connect() cost on loopback, measured in one run under four
-//! setups and reported as ns/op and ratios against the baselines of the same run.
-//! 1. no programs on the bench cgroup;
+//! `cargo xtask bench`: connect() cost on loopback under four setups, each in its own
+//! cgroup and all in place at once, measured in interleaved rounds and reported as
+//! medians with ratios against the baselines of the same run:
+//! 1. no programs;
 //! 2. an empty program (`return 1`) on connect4;
 //! 3. enforcer with a 10-rule policy;
 //! 4. enforcer with a 10,000-rule policy.
 //!
-//! The worker (this binary, re-executed) joins the bench cgroup before exec.
+//! The worker (this binary, re-executed) joins a setup's cgroup before exec.
 use std::{
     ffi::CString,
     fs,
@@ -27,21 +28,34 @@ pub fn run(iterations: u32) -> anyhow::Result<()> {
     }
     ensure!(super::is_root(), "the benchmark attaches BPF programs and needs root");
     let mount = cgroup2_mount()?;
-    let cgroup = mount.join(format!("enforcer-bench-{}", std::process::id()));
-    fs::create_dir_all(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
+    let base = mount.join(format!("enforcer-bench-{}", std::process::id()));
+    let cgroups: Vec<PathBuf> = SETUPS.iter().map(|(name, _)| base.join(name)).collect();
+    for cg in &cgroups {
+        fs::create_dir_all(cg).with_context(|| format!("creating {}", cg.display()))?;
+    }
     let stats = BpfStats::enable()?;
-    let result = measure_all(&cgroup, iterations);
+    let result = measure_all(&cgroups, iterations);
     drop(stats);
-    let _ = Command::new(super::enforcer_bin())
-        .args(["detach", "--cgroup"])
-        .arg(&cgroup)
-        .stderr(Stdio::null())
-        .status();
-    let _ = fs::remove_dir(&cgroup);
+    for cg in &cgroups {
+        let _ = Command::new(super::enforcer_bin()).args(["detach", "--cgroup"]).arg(cg).stderr(Stdio::null()).status();
+        let _ = fs::remove_dir(cg);
+    }
+    let _ = fs::remove_dir(&base);
     let rows = result?;
     report(&rows);
     Ok(())
 }
+
+/// The setups, each in its own cgroup, all in place at once: (cgroup name, label).
+const SETUPS: [(&str, &str); 4] = [
+    ("none", "no programs"),
+    ("empty", "empty program"),
+    ("enf10", "enforcer, 10 rules"),
+    ("enf10k", "enforcer, 10000 rules"),
+];
+/// Rounds over all setups; each setup's figure is its median. Alternating setups
+/// within a round keeps machine drift from looking like a difference between them.
+const OUTER_ROUNDS: usize = 7;
 
 struct Row {
     setup: &'static str,
@@ -52,34 +66,61 @@ struct Row {
     prog_ns: Option<f64>,
 }
 
-fn measure_all(cgroup: &Path, iterations: u32) -> anyhow::Result<Vec<Row>> {
-    let mut rows = Vec::new();
-    super::step("bench: no programs");
-    rows.push(measure("no programs", cgroup, iterations, None)?);
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
 
-    super::step("bench: empty connect4 program");
-    let empty = EmptyProgram::attach(cgroup)?;
-    rows.push(measure("empty program", cgroup, iterations, Some(empty.prog_fd))?);
-    drop(empty);
-
-    for rules in [10usize, 10_000] {
-        super::step(&format!("bench: enforcer, {rules} CIDR rules"));
+fn measure_all(cgroups: &[PathBuf], iterations: u32) -> anyhow::Result<Vec<Row>> {
+    super::step("bench: attaching an empty program and enforcer with 10 and 10,000 rules");
+    let empty = EmptyProgram::attach(&cgroups[1])?;
+    let mut controllers = Vec::new();
+    let mut prog_fds = vec![None, Some(empty.prog_fd)];
+    for (cg, rules) in cgroups[2..].iter().zip([10usize, 10_000]) {
         let policy = std::env::temp_dir().join(format!("enforcer-bench-{rules}.yaml"));
         fs::write(&policy, bench_policy(rules))?;
-        let mut controller = attach(cgroup, &policy)?;
-        let prog = enforcer_connect4_prog(cgroup);
-        let row = prog.and_then(|fd| {
-            let setup = if rules == 10 { "enforcer, 10 rules" } else { "enforcer, 10000 rules" };
-            let row = measure(setup, cgroup, iterations, Some(fd));
-            unsafe { libc::close(fd) };
-            row
-        });
-        unsafe { libc::kill(controller.id() as i32, libc::SIGTERM) };
-        let _ = controller.wait();
+        let controller = attach(cg, &policy);
         let _ = fs::remove_file(&policy);
-        rows.push(row?);
+        controllers.push(controller?);
+        prog_fds.push(Some(enforcer_connect4_prog(cg)?));
     }
-    Ok(rows)
+    let result = (|| {
+        let mut udp: Vec<Vec<f64>> = vec![Vec::new(); SETUPS.len()];
+        let mut prog: Vec<Vec<f64>> = vec![Vec::new(); SETUPS.len()];
+        for round in 0..OUTER_ROUNDS {
+            super::step(&format!("bench: UDP connect, round {}/{OUTER_ROUNDS}", round + 1));
+            for (i, cg) in cgroups.iter().enumerate() {
+                let before = prog_fds[i].map(prog_run_stats).transpose()?;
+                udp[i].push(run_worker("udp", cg, iterations)?);
+                let after = prog_fds[i].map(prog_run_stats).transpose()?;
+                if let (Some((t0, n0)), Some((t1, n1))) = (before, after) {
+                    if n1 > n0 {
+                        prog[i].push((t1 - t0) as f64 / (n1 - n0) as f64);
+                    }
+                }
+            }
+        }
+        super::step("bench: TCP connect+accept+close");
+        let mut rows = Vec::new();
+        for (i, cg) in cgroups.iter().enumerate() {
+            rows.push(Row {
+                setup: SETUPS[i].1,
+                udp_ns: median(udp[i].clone()),
+                tcp_ns: run_worker("tcp", cg, iterations / 4)?,
+                prog_ns: (!prog[i].is_empty()).then(|| median(prog[i].clone())),
+            });
+        }
+        Ok(rows)
+    })();
+    for fd in prog_fds.into_iter().skip(2).flatten() {
+        unsafe { libc::close(fd) };
+    }
+    for mut c in controllers {
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let _ = c.wait();
+    }
+    drop(empty);
+    result
 }
 
 /// A policy of `rules` allow rules: /32s in 10.0.0.0/8 (never matched) plus the
@@ -116,18 +157,6 @@ fn attach(cgroup: &Path, policy: &Path) -> anyhow::Result<Child> {
     }
     std::thread::spawn(move || for _ in lines {});
     Ok(child)
-}
-
-fn measure(setup: &'static str, cgroup: &Path, iterations: u32, prog_fd: Option<i32>) -> anyhow::Result<Row> {
-    let before = prog_fd.map(prog_run_stats).transpose()?;
-    let udp_ns = run_worker("udp", cgroup, iterations)?;
-    let after = prog_fd.map(prog_run_stats).transpose()?;
-    let prog_ns = match (before, after) {
-        (Some((t0, n0)), Some((t1, n1))) if n1 > n0 => Some((t1 - t0) as f64 / (n1 - n0) as f64),
-        _ => None,
-    };
-    let tcp_ns = run_worker("tcp", cgroup, iterations / 4)?;
-    Ok(Row { setup, udp_ns, tcp_ns, prog_ns })
 }
 
 /// Turns on the kernel's per-program run-time accounting for the bench's duration.
@@ -262,7 +291,9 @@ fn reset_on_close(stream: &TcpStream) {
 fn report(rows: &[Row]) {
     let base = &rows[0];
     let empty = &rows[1];
-    println!("\nconnect() cost on loopback (median of {ROUNDS} rounds, ns/op; ratios against this run's baselines)");
+    println!(
+        "\nconnect() cost on loopback (median of {OUTER_ROUNDS} interleaved rounds, ns/op; ratios against this run's baselines)"
+    );
     println!(
         "{:<24} {:>10} {:>9} {:>9} {:>10} {:>9} {:>9}",
         "setup", "UDP ns", "x none", "x empty", "TCP ns", "x none", "x empty"
@@ -279,7 +310,7 @@ fn report(rows: &[Row]) {
             r.tcp_ns / empty.tcp_ns
         );
     }
-    println!("\nin-kernel time of one connect4 program run (kernel.bpf_stats_enabled accounting):");
+    println!("\nin-kernel time of one connect4 program run (kernel.bpf_stats_enabled accounting, median of {OUTER_ROUNDS} rounds):");
     for r in rows.iter().filter(|r| r.prog_ns.is_some()) {
         println!("  {:<24} {:>8.1} ns", r.setup, r.prog_ns.unwrap_or_default());
     }

@@ -1,0 +1,131 @@
+//! Time-limited grants: extra allow rules for one cgroup that lapse in the kernel at
+//! their expiry (`Clause::expires_at`), whether or not a controller is running. Stored
+//! per cgroup beside the other state so that `grant`, `revoke` and a re-attach can
+//! recompile the cgroup's policy with the grants still live.
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::{IpNet, NetRule, Policy};
+
+/// The longest grant: a grant is a stopgap; a standing need belongs in the policy.
+pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    pub id: u32,
+    /// What was asked for, as given (`10.0.0.0/8`, `1.2.3.4:443`).
+    pub allow: String,
+    pub net: IpNet,
+    pub ports: Vec<(u16, u16)>,
+    /// CLOCK_BOOTTIME ns when the grant lapses.
+    pub expires_at: u64,
+    /// The same moment as a date, for people.
+    pub expires: String,
+    pub reason: Option<String>,
+    pub granted_by_uid: u32,
+}
+
+/// Parses `CIDR`, `IP`, `IP:PORT` or `[IPv6]:PORT`. File grants (`PATH[:ACCESS]`)
+/// arrive with file-access rules.
+pub fn parse_allow(spec: &str) -> Result<(IpNet, Vec<(u16, u16)>), String> {
+    if spec.starts_with('/') || spec.starts_with('~') {
+        return Err(format!("{spec:?}: file grants are not supported yet: they arrive with file-access rules"));
+    }
+    if let Ok(sa) = spec.parse::<std::net::SocketAddr>() {
+        if sa.port() == 0 {
+            return Err(format!("{spec:?}: port 0 is not a port"));
+        }
+        return Ok((IpNet::parse(&sa.ip().to_string())?, vec![(sa.port(), sa.port())]));
+    }
+    IpNet::parse(spec).map(|net| (net, Vec::new())).map_err(|e| format!("{e} (expected CIDR, IP or IP:PORT)"))
+}
+
+/// `90`, `90s`, `10m`, `2h`.
+pub fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = number.parse().map_err(|_| format!("invalid TTL {text:?}: expected e.g. 90s, 10m, 2h"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("invalid TTL unit in {text:?}: use s, m or h")),
+    };
+    let ttl = Duration::from_secs(secs);
+    if ttl.is_zero() || ttl > MAX_TTL {
+        return Err(format!("TTL {text:?} must be between 1s and {}h", MAX_TTL.as_secs() / 3600));
+    }
+    Ok(ttl)
+}
+
+/// CLOCK_BOOTTIME now, the clock the kernel checks expiries against.
+pub fn boot_now_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn path_for(cgroup_id: u64) -> PathBuf {
+    Path::new(crate::loader::STATE_DIR).join("grants").join(format!("{cgroup_id}.json"))
+}
+
+/// The grants of a cgroup that have not expired.
+pub fn live(cgroup_id: u64) -> Vec<Grant> {
+    let now = boot_now_ns();
+    fs::read(path_for(cgroup_id))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<Vec<Grant>>(&bytes).ok())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|g| g.expires_at > now)
+        .collect()
+}
+
+pub fn save(cgroup_id: u64, grants: &[Grant]) -> io::Result<()> {
+    let path = path_for(cgroup_id);
+    if grants.is_empty() {
+        return match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+    }
+    fs::create_dir_all(path.parent().expect("has a parent"))?;
+    fs::write(&path, serde_json::to_vec_pretty(grants).expect("serializable"))
+}
+
+/// The policy with the grants added as expiring allow rules.
+pub fn apply(base: &Policy, grants: &[Grant]) -> Policy {
+    let mut policy = base.clone();
+    policy.network.allow.extend(grants.iter().map(|g| NetRule {
+        name: format!("grant-{}", g.id),
+        net: g.net,
+        ports: g.ports.clone(),
+        protocols: enforcer_common::proto::ANY,
+        expires_at: g.expires_at,
+    }));
+    policy
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_grant_targets_and_ttls() {
+        assert_eq!(parse_allow("10.0.0.0/8").unwrap().1, vec![]);
+        assert_eq!(parse_allow("127.0.0.1:8080").unwrap(), (IpNet::V4 { addr: [127, 0, 0, 1], len: 32 }, vec![(8080, 8080)]));
+        assert_eq!(parse_allow("[::1]:443").unwrap().0.to_string(), "::1/128");
+        assert!(parse_allow("~/.ssh:read").unwrap_err().contains("file grants are not supported yet"));
+        assert!(parse_allow("10.0.0.1/8").unwrap_err().contains("did you mean 10.0.0.0/8"));
+        assert_eq!(parse_ttl("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_ttl("90").unwrap(), Duration::from_secs(90));
+        assert!(parse_ttl("0s").is_err() && parse_ttl("25h").is_err() && parse_ttl("5d").is_err());
+    }
+}
