@@ -28,6 +28,29 @@ pub struct Enricher {
     host: String,
     cgroup_paths: HashMap<u64, String>,
     slots: HashMap<u32, loader::SlotInfo>,
+    user_names: HashMap<u32, Option<String>>,
+}
+
+/// What /proc says of a process now (best effort: it may have exited).
+fn executable(pid: u32) -> Option<String> {
+    std::fs::read_link(format!("/proc/{pid}/exe")).ok().map(|p| p.display().to_string())
+}
+
+fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn user_name(uid: u32) -> Option<String> {
+    let mut buf = vec![0 as libc::c_char; 4096];
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    let rc = unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut result) };
+    if rc != 0 || result.is_null() {
+        return None;
+    }
+    Some(unsafe { std::ffi::CStr::from_ptr(pw.pw_name) }.to_string_lossy().into_owned())
 }
 
 impl Enricher {
@@ -42,6 +65,7 @@ impl Enricher {
             host,
             cgroup_paths: HashMap::new(),
             slots: HashMap::new(),
+            user_names: HashMap::new(),
         }
     }
 
@@ -102,7 +126,12 @@ impl Enricher {
                 "pid": ev.pid,
                 "thread": { "id": ev.tid },
                 "name": String::from_utf8_lossy(&ev.comm[..comm_len]),
-                "user": { "id": ev.uid.to_string() },
+                "executable": executable(ev.pid),
+                "parent": { "pid": parent_pid(ev.pid) },
+            },
+            "user": {
+                "id": ev.uid.to_string(),
+                "name": self.user_names.entry(ev.uid).or_insert_with(|| user_name(ev.uid)).clone(),
             },
             "network": { "transport": transport, "type": if ev.family == family::INET6 { "ipv6" } else { "ipv4" } },
             "policy": { "name": info.policy, "mode": info.mode },
@@ -237,5 +266,13 @@ mod tests {
         assert_eq!(decode(bytes), Some(ev));
         assert_eq!(decode(&bytes[..10]), None);
         assert_eq!(destination_ip(&ev), "10.0.0.1");
+    }
+
+    #[test]
+    fn reads_process_facts_from_proc() {
+        let me = std::process::id();
+        assert_eq!(executable(me), std::env::current_exe().ok().map(|p| p.display().to_string()));
+        assert_eq!(parent_pid(me), Some(std::os::unix::process::parent_id()));
+        assert_eq!(user_name(0).as_deref(), Some("root"));
     }
 }

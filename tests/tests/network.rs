@@ -394,3 +394,25 @@ fn icmp_sockets_refused_unless_the_policy_allows_them() {
     let _c = Controller::attach(cg.arg(), &p, &[]);
     assert_eq!(icmp_probe_in(&cg.path), "icmp ok", "icmp: true allows ping sockets");
 }
+
+#[test]
+fn events_name_the_executable_parent_and_user() {
+    let cg = TestCgroup::new("enrich");
+    let port = loopback_port("127.0.0.1");
+    let p = policy("enrich", "enforce", "    default: deny\n");
+    let c = Controller::attach(cg.arg(), &p, &[]);
+    // A process that stays alive while the controller enriches its event.
+    let script = format!("import socket,time\ns=socket.socket()\nprint(s.connect_ex(('127.0.0.1',{port})))\ntime.sleep(3)");
+    let mut agent = command_in(&cg.path, std::path::Path::new("/usr/bin/python3"))
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ev = c.wait_event("for python's connect", |e| e["destination"]["port"] == port);
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let exe = ev["process"]["executable"].as_str().unwrap_or_else(|| panic!("no executable: {ev}"));
+    assert!(exe.contains("python3"), "{ev}");
+    assert_eq!(ev["process"]["parent"]["pid"], std::process::id(), "{ev}");
+    assert_eq!(ev["user"]["name"], "root");
+}
