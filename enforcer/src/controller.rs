@@ -3,7 +3,7 @@
 use std::{
     ffi::CString,
     os::unix::process::{CommandExt as _, ExitStatusExt as _},
-    path::Path,
+    path::{Path, PathBuf},
     process::ExitStatus,
     sync::atomic::Ordering,
 };
@@ -63,6 +63,19 @@ pub fn confine(mount: &Path, path: &Path, base: &Policy) -> anyhow::Result<Confi
     }
     info!(cgroup = %shown, cgroup_id = id, policy = %compiled.name, binding, slot, "attached");
     Ok(Confinement { id, display: shown, programs })
+}
+
+/// Re-installs a confined cgroup's policy from `base` (SIGHUP in `attach`), keeping its
+/// grants, in one binding update. The programs stay as they are.
+pub fn reinstall(mount: &Path, path: &Path, base: &Policy) -> anyhow::Result<u32> {
+    let id = cgroup::cgroup_id(path)?;
+    let shown = cgroup::display_path(mount, path);
+    let _lock = StateLock::acquire()?;
+    let mut tables = Tables::open_pinned()?;
+    anyhow::ensure!(tables.slot_of(id).is_some(), "{shown} is no longer confined (detached?)");
+    let compiled = compile_policy(&grants::apply(base, &grants::live(id)))?;
+    let binding = tables.binding_for(id)?;
+    Ok(tables.install(binding, id, &shown, &compiled, base)?)
 }
 
 /// `grant` / `revoke`: changes a confined cgroup's grants and re-installs its policy
@@ -191,6 +204,34 @@ fn drain(ring: &mut RingBuf<MapData>, enricher: &mut Enricher, sink: &mut Sink) 
         let Some(ev) = events::decode(&item) else { continue };
         if sink.write_event(&enricher.to_ecs(&ev)).is_err() {
             crate::EVENT_SINK_ERRORS.fetch_add(1, Ordering::Relaxed);
+        } else {
+            crate::EVENTS_WRITTEN.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Reloads the policy file on every SIGHUP; a policy that fails to parse or compile is
+/// refused with its file:line:column and the one in force stays.
+pub async fn reload_on_hangup(mount: PathBuf, path: PathBuf, file: PathBuf, mode: Option<crate::policy::Mode>) {
+    let Ok(mut hup) = tokio::signal::unix::signal(SignalKind::hangup()) else { return };
+    while hup.recv().await.is_some() {
+        let result = crate::policy::parse_policy_file(&file)
+            .map_err(anyhow::Error::from)
+            .and_then(|mut policy| {
+                if let Some(mode) = mode {
+                    policy.mode = mode;
+                }
+                reinstall(&mount, &path, &policy)
+            });
+        match result {
+            Ok(slot) => {
+                crate::POLICY_RELOADS.fetch_add(1, Ordering::Relaxed);
+                info!(policy = %file.display(), slot, "policy reloaded");
+            }
+            Err(e) => {
+                crate::POLICY_RELOAD_FAILURES.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("policy reload refused, the previous policy stays in force: {e:#}");
+            }
         }
     }
 }

@@ -27,9 +27,13 @@ pub struct Enricher {
     boot_to_unix_ns: i128,
     host: String,
     cgroup_paths: HashMap<u64, String>,
-    slots: HashMap<u32, loader::SlotInfo>,
+    /// Slot names with when they were read: a slot is re-read after `SLOT_CACHE_TTL`,
+    /// since policies are replaced (reload, grant) into other slots.
+    slots: HashMap<u32, (std::time::Instant, loader::SlotInfo)>,
     user_names: HashMap<u32, Option<String>>,
 }
+
+const SLOT_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What /proc says of a process now (best effort: it may have exited).
 fn executable(pid: u32) -> Option<String> {
@@ -81,19 +85,16 @@ impl Enricher {
     }
 
     fn slot(&mut self, slot: u32) -> loader::SlotInfo {
-        if let Some(info) = self.slots.get(&slot) {
-            return info.clone();
+        if let Some((read_at, info)) = self.slots.get(&slot) {
+            if read_at.elapsed() < SLOT_CACHE_TTL {
+                return info.clone();
+            }
         }
         let info = loader::read_slot_info(slot).unwrap_or_default();
         if !info.policy.is_empty() {
-            self.slots.insert(slot, info.clone());
+            self.slots.insert(slot, (std::time::Instant::now(), info.clone()));
         }
         info
-    }
-
-    /// Forget cached slot names (after this controller replaced a policy).
-    pub fn forget_slots(&mut self) {
-        self.slots.clear();
     }
 
     pub fn to_ecs(&mut self, ev: &NetEvent) -> Value {

@@ -16,6 +16,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Events that a sink failed to write (counted, never blocking the kernel path).
 pub static EVENT_SINK_ERRORS: AtomicU64 = AtomicU64::new(0);
+/// Events written to the sink by this controller.
+pub static EVENTS_WRITTEN: AtomicU64 = AtomicU64::new(0);
+/// Policy reloads (SIGHUP) that were applied, and that were refused.
+pub static POLICY_RELOADS: AtomicU64 = AtomicU64::new(0);
+pub static POLICY_RELOAD_FAILURES: AtomicU64 = AtomicU64::new(0);
 
 pub fn events_sink_errors() -> u64 {
     EVENT_SINK_ERRORS.load(Ordering::Relaxed)

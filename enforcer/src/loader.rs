@@ -361,7 +361,11 @@ impl Tables {
         base: &crate::policy::Policy,
     ) -> Result<u32, LoaderError> {
         let used: BTreeSet<u32> = self.confined().into_values().collect();
+        // Round-robin from the cgroup's current slot, so a freed slot is not reused at
+        // once (event decoders cache a slot's rule names for a moment).
+        let start = self.slot_of(cgroup_id).unwrap_or(0);
         let slot = (1..limits::MAX_POLICY_SLOTS)
+            .map(|i| (start + i - 1) % (limits::MAX_POLICY_SLOTS - 1) + 1)
             .find(|s| !used.contains(s))
             .ok_or(LoaderError::NoFreeSlot(limits::MAX_POLICY_SLOTS - 1))?;
         // A slot nobody points at may hold leftovers of a controller that died mid-write.

@@ -21,7 +21,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Confine a cgroup with a policy, then stream its decision events until SIGINT or
-    /// SIGTERM. Enforcement stays after the controller exits; only `detach` removes it.
+    /// SIGTERM; SIGHUP reloads the policy file. Enforcement stays after the controller
+    /// exits; only `detach` removes it.
     Attach {
         /// cgroup path, relative to the cgroup v2 mount (created if missing) or absolute.
         #[arg(long)]
@@ -202,7 +203,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Attach { cgroup: name, policy, mode, events, rotation, metrics_addr } => {
-            let (policy, _) = load_policy(&policy, mode)?;
+            let policy_file = policy;
+            let (policy, _) = load_policy(&policy_file, mode)?;
             let mount = cgroup::cgroup2_mount()?;
             let path = cgroup::resolve(&mount, &name)?;
             let sink = Sink::open(&events, rotation.rotation()).with_context(|| format!("opening events sink {events}"))?;
@@ -211,6 +213,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let enricher = Enricher::new(&mount, &path);
             runtime()?.block_on(async {
                 controller::start_metrics(metrics_addr.as_deref()).await?;
+                tokio::spawn(controller::reload_on_hangup(mount.clone(), path.clone(), policy_file, mode));
                 controller::stream_events(ring, enricher, sink, controller::terminated()).await
             })?;
             info!(cgroup = %confinement.display, "controller stopping; enforcement stays in force until `enforcer detach`");

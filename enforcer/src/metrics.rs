@@ -34,6 +34,23 @@ pub fn render() -> String {
         &["cgroup"],
     )
     .expect("valid metric");
+    let written = IntCounter::new("enforcer_events_written_total", "Events this controller wrote to its sink")
+        .expect("valid metric");
+    let reloads = IntCounterVec::new(
+        Opts::new("enforcer_policy_reloads_total", "Policy reloads (SIGHUP) by result"),
+        &["result"],
+    )
+    .expect("valid metric");
+    let build = IntGaugeVec::new(Opts::new("enforcer_build_info", "enforcer build (value 1)"), &["version"])
+        .expect("valid metric");
+    registry.register(Box::new(written.clone())).expect("unique metric");
+    registry.register(Box::new(reloads.clone())).expect("unique metric");
+    registry.register(Box::new(build.clone())).expect("unique metric");
+    use std::sync::atomic::Ordering::Relaxed;
+    written.inc_by(crate::EVENTS_WRITTEN.load(Relaxed));
+    reloads.with_label_values(&["ok"]).inc_by(crate::POLICY_RELOADS.load(Relaxed));
+    reloads.with_label_values(&["error"]).inc_by(crate::POLICY_RELOAD_FAILURES.load(Relaxed));
+    build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
     for m in [&decisions, &lost] {
         registry.register(Box::new(m.clone())).expect("unique metric");
     }

@@ -51,6 +51,7 @@ const APT_PACKAGES: &[&str] = &[
     "curl",        // tests scrape /metrics with a real HTTP client
     "iproute2",
     "python3",
+    "prometheus", // a real Prometheus scrapes --metrics-addr in the tests
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
@@ -118,6 +119,9 @@ fn setup() -> anyhow::Result<()> {
         ensure!(is_root(), "apt packages missing ({}): run as root", missing.join(" "));
         step(&format!("installing apt packages: {}", missing.join(" ")));
         run(Command::new("apt-get").args(["update", "-q"]))?;
+        // Packages such as prometheus start a daemon on install; the tests run their
+        // own instances on loopback, so keep the package's service from starting.
+        let _no_services = NoServiceStarts::new()?;
         run(Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&missing)
@@ -143,6 +147,32 @@ fn setup() -> anyhow::Result<()> {
     }
     step("toolchain ready");
     Ok(())
+}
+
+/// A `policy-rc.d` that refuses service starts while it lives. An existing one is left
+/// as it is (and in place); only one we created is removed.
+struct NoServiceStarts(Option<PathBuf>);
+
+impl NoServiceStarts {
+    fn new() -> anyhow::Result<Self> {
+        let path = Path::new("/usr/sbin/policy-rc.d");
+        if path.exists() {
+            return Ok(Self(None));
+        }
+        std::fs::write(path, "#!/bin/sh\n# created by cargo xtask setup for one apt-get run\nexit 101\n")
+            .context("writing /usr/sbin/policy-rc.d")?;
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
+        Ok(Self(Some(path.to_path_buf())))
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 fn build_release() -> anyhow::Result<()> {
