@@ -19,7 +19,8 @@ use crate::{
     compile::compile_policy,
     grants::{self, Grant},
     policy::Policy,
-    events::{self, Enricher, Sink},
+    events::{self, Enricher},
+    sinks::FanOut,
     loader::{self, ProgramSet, StateLock, Tables},
 };
 use enforcer_common::{hook, verdict};
@@ -172,11 +173,12 @@ pub fn kill_switch(mount: &Path, path: &Path, isolate: bool, freeze: bool) -> an
     }))
 }
 
-/// Reads decision events from the ring buffer and writes them until `stop` resolves.
+/// Reads decision events from the ring buffer and hands them to the sinks until `stop`
+/// resolves; then lets the sinks write what they hold.
 pub async fn stream_events(
     ring: RingBuf<MapData>,
     mut enricher: Enricher,
-    mut sink: Sink,
+    sinks: FanOut,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     // SAFETY: the RingBuf owns its fd and lives inside the AsyncFd, so the fd stays open
@@ -188,25 +190,22 @@ pub async fn stream_events(
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("events ring buffer")?;
-                drain(guard.get_inner_mut(), &mut enricher, &mut sink);
+                drain(guard.get_inner_mut(), &mut enricher, &sinks);
                 guard.clear_ready();
             }
             () = &mut stop => break,
         }
     }
     // Decisions made just before the stop are still in the ring.
-    drain(ring.get_mut(), &mut enricher, &mut sink);
+    drain(ring.get_mut(), &mut enricher, &sinks);
+    sinks.finish();
     Ok(())
 }
 
-fn drain(ring: &mut RingBuf<MapData>, enricher: &mut Enricher, sink: &mut Sink) {
+fn drain(ring: &mut RingBuf<MapData>, enricher: &mut Enricher, sinks: &FanOut) {
     while let Some(item) = ring.next() {
         let Some(ev) = events::decode(&item) else { continue };
-        if sink.write_event(&enricher.to_ecs(&ev)).is_err() {
-            crate::EVENT_SINK_ERRORS.fetch_add(1, Ordering::Relaxed);
-        } else {
-            crate::EVENTS_WRITTEN.fetch_add(1, Ordering::Relaxed);
-        }
+        sinks.publish(enricher.to_ecs(&ev));
     }
 }
 

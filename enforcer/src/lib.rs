@@ -11,17 +11,11 @@ pub mod loader;
 pub mod metrics;
 pub mod policy;
 pub mod probe;
+pub mod sinks;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
-/// Events that a sink failed to write (counted, never blocking the kernel path).
-pub static EVENT_SINK_ERRORS: AtomicU64 = AtomicU64::new(0);
-/// Events written to the sink by this controller.
-pub static EVENTS_WRITTEN: AtomicU64 = AtomicU64::new(0);
 /// Policy reloads (SIGHUP) that were applied, and that were refused.
 pub static POLICY_RELOADS: AtomicU64 = AtomicU64::new(0);
 pub static POLICY_RELOAD_FAILURES: AtomicU64 = AtomicU64::new(0);
 
-pub fn events_sink_errors() -> u64 {
-    EVENT_SINK_ERRORS.load(Ordering::Relaxed)
-}

@@ -7,7 +7,7 @@ use enforcer::{
     audit, cgroup, compile, controller, grants,
     events::{Enricher, Rotation, Sink},
     policy::{self, Mode},
-    probe,
+    probe, sinks,
 };
 use tracing::info;
 
@@ -37,6 +37,10 @@ enum Command {
         events: String,
         #[command(flatten)]
         rotation: RotationArgs,
+        /// Also send events to syslog (RFC 5424): udp://HOST:PORT or unix:///dev/log.
+        /// Repeatable.
+        #[arg(long)]
+        syslog: Vec<sinks::SyslogTarget>,
         /// Serve Prometheus metrics at http://ADDR/metrics.
         #[arg(long)]
         metrics_addr: Option<String>,
@@ -53,6 +57,9 @@ enum Command {
         events: Option<String>,
         #[command(flatten)]
         rotation: RotationArgs,
+        /// Also send events to syslog (RFC 5424): udp://HOST:PORT or unix:///dev/log.
+        #[arg(long)]
+        syslog: Vec<sinks::SyslogTarget>,
         /// Run the command as this user (default: SUDO_USER, else the caller).
         #[arg(long)]
         user: Option<String>,
@@ -202,24 +209,25 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Attach { cgroup: name, policy, mode, events, rotation, metrics_addr } => {
+        Command::Attach { cgroup: name, policy, mode, events, rotation, syslog, metrics_addr } => {
             let policy_file = policy;
             let (policy, _) = load_policy(&policy_file, mode)?;
             let mount = cgroup::cgroup2_mount()?;
             let path = cgroup::resolve(&mount, &name)?;
             let sink = Sink::open(&events, rotation.rotation()).with_context(|| format!("opening events sink {events}"))?;
+            let fan_out = fan_out(&events, sink, &syslog)?;
             let mut confinement = controller::confine(&mount, &path, &policy)?;
             let ring = confinement.programs.take_events()?;
             let enricher = Enricher::new(&mount, &path);
             runtime()?.block_on(async {
                 controller::start_metrics(metrics_addr.as_deref()).await?;
                 tokio::spawn(controller::reload_on_hangup(mount.clone(), path.clone(), policy_file, mode));
-                controller::stream_events(ring, enricher, sink, controller::terminated()).await
+                controller::stream_events(ring, enricher, fan_out, controller::terminated()).await
             })?;
             info!(cgroup = %confinement.display, "controller stopping; enforcement stays in force until `enforcer detach`");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { policy, mode, events, rotation, user, metrics_addr, command } => {
+        Command::Run { policy, mode, events, rotation, syslog, user, metrics_addr, command } => {
             let (policy, _) = load_policy(&policy, mode)?;
             let run_as = controller::choose_run_as(user.as_deref())?;
             let mount = cgroup::cgroup2_mount()?;
@@ -230,6 +238,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Sink::open(target, rotation.rotation()).with_context(|| format!("opening events sink {target}"))?
                 }
             };
+            let fan_out = fan_out(events.as_deref().unwrap_or("stderr"), sink, &syslog)?;
             let mut confinement = match controller::confine(&mount, &path, &policy) {
                 Ok(c) => c,
                 Err(e) => {
@@ -261,7 +270,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             }
                         }
                     };
-                    controller::stream_events(ring, enricher, sink, stop).await?;
+                    controller::stream_events(ring, enricher, fan_out, stop).await?;
                     let status = status.context("lost the command's exit status")?.context("waiting for the command")?;
                     Ok(controller::exit_code(status))
                 })
@@ -365,6 +374,17 @@ fn kill_switch(name: &str, isolate: bool, freeze: bool, events: &str) -> anyhow:
     let record = controller::kill_switch(&mount, &path, isolate, freeze)?;
     sink.write_event(&record).context("recording the action")?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The event sink and any syslog targets, each on its own thread.
+fn fan_out(name: &str, sink: Sink, syslog: &[sinks::SyslogTarget]) -> anyhow::Result<sinks::FanOut> {
+    let mut fan = sinks::FanOut::new();
+    fan.add_event_sink(if name == "-" { "stdout" } else { name }, sink);
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    for target in syslog {
+        fan.add_syslog(target, host.clone()).context("opening the syslog socket")?;
+    }
+    Ok(fan)
 }
 
 /// Runs a grant change and records it as an event.

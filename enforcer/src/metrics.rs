@@ -34,8 +34,17 @@ pub fn render() -> String {
         &["cgroup"],
     )
     .expect("valid metric");
-    let written = IntCounter::new("enforcer_events_written_total", "Events this controller wrote to its sink")
-        .expect("valid metric");
+    let written = IntCounterVec::new(
+        Opts::new("enforcer_events_written_total", "Events this controller's sinks wrote"),
+        &["sink"],
+    )
+    .expect("valid metric");
+    let dropped = IntCounterVec::new(
+        Opts::new("enforcer_events_dropped_total", "Events a sink dropped (queue full or write error)"),
+        &["sink"],
+    )
+    .expect("valid metric");
+    registry.register(Box::new(dropped.clone())).expect("unique metric");
     let reloads = IntCounterVec::new(
         Opts::new("enforcer_policy_reloads_total", "Policy reloads (SIGHUP) by result"),
         &["result"],
@@ -47,7 +56,12 @@ pub fn render() -> String {
     registry.register(Box::new(reloads.clone())).expect("unique metric");
     registry.register(Box::new(build.clone())).expect("unique metric");
     use std::sync::atomic::Ordering::Relaxed;
-    written.inc_by(crate::EVENTS_WRITTEN.load(Relaxed));
+    let mut dropped_total = 0;
+    for (sink, w, d) in crate::sinks::sink_counts() {
+        written.with_label_values(&[sink.as_str()]).inc_by(w);
+        dropped.with_label_values(&[sink.as_str()]).inc_by(d);
+        dropped_total += d;
+    }
     reloads.with_label_values(&["ok"]).inc_by(crate::POLICY_RELOADS.load(Relaxed));
     reloads.with_label_values(&["error"]).inc_by(crate::POLICY_RELOAD_FAILURES.load(Relaxed));
     build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
@@ -76,7 +90,7 @@ pub fn render() -> String {
     } else {
         lost.with_label_values(&["kernel"]).inc_by(0);
     }
-    lost.with_label_values(&["sink"]).inc_by(crate::events_sink_errors());
+    lost.with_label_values(&["sink"]).inc_by(dropped_total);
 
     let mut out = Vec::new();
     TextEncoder::new().encode(&registry.gather(), &mut out).expect("text encoding");

@@ -131,3 +131,94 @@ fn sighup_reloads_the_policy_and_a_bad_one_is_refused() {
     let logs = c.stderr_lines.lock().unwrap().join("\n");
     assert!(logs.contains(&format!("{}:8:13: ", p.arg())), "the refusal names file:line:column: {logs}");
 }
+
+/// rsyslogd in the foreground with a UDP and a unix-socket input, each written to its
+/// own file; killed (and its files removed) on drop.
+struct Rsyslog {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+    udp_port: u16,
+}
+
+impl Rsyslog {
+    fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("enforcer-rsyslog-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let udp_port = {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.local_addr().unwrap().port()
+        };
+        let d = dir.display();
+        std::fs::write(
+            dir.join("rsyslog.conf"),
+            format!(
+                "global(workDirectory=\"{d}\")\n\
+                 module(load=\"imudp\")\n\
+                 module(load=\"imuxsock\" SysSock.Use=\"off\")\n\
+                 ruleset(name=\"udp\") {{ action(type=\"omfile\" file=\"{d}/udp.log\" template=\"RSYSLOG_SyslogProtocol23Format\") }}\n\
+                 ruleset(name=\"unix\") {{ action(type=\"omfile\" file=\"{d}/unix.log\" template=\"RSYSLOG_SyslogProtocol23Format\") }}\n\
+                 input(type=\"imudp\" address=\"127.0.0.1\" port=\"{udp_port}\" ruleset=\"udp\")\n\
+                 input(type=\"imuxsock\" Socket=\"{d}/log.sock\" ruleset=\"unix\" UseSpecialParser=\"off\")\n"
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new("rsyslogd")
+            .args(["-n", "-f"])
+            .arg(dir.join("rsyslog.conf"))
+            .arg("-i")
+            .arg(dir.join("pid"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("rsyslogd is installed by `cargo xtask setup`");
+        let start = Instant::now();
+        while !dir.join("log.sock").exists() {
+            assert!(start.elapsed() < Duration::from_secs(10), "rsyslogd did not open its socket");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, dir, udp_port }
+    }
+
+    fn wait_line(&self, file: &str, needle: &str) -> String {
+        let start = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(self.dir.join(file)).unwrap_or_default();
+            if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+                return line.to_string();
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "no line with {needle} in {file}: {text}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Rsyslog {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn events_reach_a_real_rsyslog_over_udp_and_a_unix_socket() {
+    let cg = TestCgroup::new("syslog");
+    let port = loopback_port("127.0.0.1");
+    let syslog = Rsyslog::start();
+    let udp = format!("udp://127.0.0.1:{}", syslog.udp_port);
+    let unix = format!("unix://{}", syslog.dir.join("log.sock").display());
+    let p = policy("syslog", "enforce", "    default: deny\n");
+    let c = Controller::attach(cg.arg(), &p, &["--syslog", &udp, "--syslog", &unix]);
+    let t = [format!("tcp:127.0.0.1:{port}")];
+    let t: Vec<&str> = t.iter().map(String::as_str).collect();
+    assert_eq!(probe_in(&cg.path, &t), vec!["EPERM"]);
+    let needle = format!("\"port\":{port}");
+    for file in ["udp.log", "unix.log"] {
+        let line = syslog.wait_line(file, &needle);
+        assert!(line.starts_with("<108>1 "), "RFC 5424, facility log-audit, severity warning: {line}");
+        assert!(line.contains(" enforcer ") && line.contains(" network-connect - {"), "{line}");
+    }
+    // The file sink got the same event.
+    c.wait_event("in the file sink too", |e| e["destination"]["port"] == port);
+}

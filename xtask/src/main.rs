@@ -52,6 +52,7 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "python3",
     "prometheus", // a real Prometheus scrapes --metrics-addr in the tests
+    "rsyslog",    // a real syslog daemon receives --syslog in the tests
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
