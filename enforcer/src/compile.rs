@@ -179,7 +179,9 @@ pub fn compile_policy(policy: &Policy) -> Result<CompiledPolicy, CompileError> {
     config.in_use = 1;
     config.mode = if policy.mode == Mode::Audit { mode::AUDIT } else { mode::ENFORCE };
     config.network_default = if net.default == Action::Allow { action::ALLOW } else { action::DENY };
-    config.log_allowed = policy.log_allowed as u8;
+    // New-destination alerts need the allowed decisions too; the controller keeps them
+    // out of the sinks unless log_allowed asks for them.
+    config.log_allowed = (policy.log_allowed || policy.alerts.new_destination) as u8;
     config.allow_raw_sockets = net.raw_sockets as u8;
     config.allow_icmp = net.icmp as u8;
     Ok(CompiledPolicy { name: policy.name.clone(), config, net4, net6, rules })

@@ -15,6 +15,7 @@ use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 use tracing::{info, warn};
 
 use crate::{
+    alerts::Detector,
     cgroup,
     compile::compile_policy,
     grants::{self, Grant},
@@ -185,27 +186,39 @@ pub async fn stream_events(
     // for as long as it is registered.
     let mut ring = unsafe { AsyncFd::register(ring) }
         .map_err(|e| anyhow::anyhow!("polling the events ring buffer: {e}"))?;
+    let mut detector = Detector::new(Path::new(loader::STATE_DIR).join("seen"));
     tokio::pin!(stop);
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("events ring buffer")?;
-                drain(guard.get_inner_mut(), &mut enricher, &sinks);
+                drain(guard.get_inner_mut(), &mut enricher, &mut detector, &sinks);
                 guard.clear_ready();
             }
             () = &mut stop => break,
         }
     }
     // Decisions made just before the stop are still in the ring.
-    drain(ring.get_mut(), &mut enricher, &sinks);
+    drain(ring.get_mut(), &mut enricher, &mut detector, &sinks);
     sinks.finish();
     Ok(())
 }
 
-fn drain(ring: &mut RingBuf<MapData>, enricher: &mut Enricher, sinks: &FanOut) {
+fn drain(ring: &mut RingBuf<MapData>, enricher: &mut Enricher, detector: &mut Detector, sinks: &FanOut) {
     while let Some(item) = ring.next() {
         let Some(ev) = events::decode(&item) else { continue };
-        sinks.publish(enricher.to_ecs(&ev));
+        let doc = enricher.to_ecs(&ev);
+        let policy = enricher.policy_of(ev.slot);
+        let alerts = policy.as_ref().map(|p| p.alerts.clone()).unwrap_or_default();
+        for alert in detector.observe(&doc, &alerts, std::time::Instant::now()) {
+            sinks.publish(alert);
+        }
+        // Allowed decisions reach the kernel's ring for new-destination alerts too;
+        // only log_allowed puts them in the sinks.
+        let log_allowed = policy.as_ref().is_none_or(|p| p.log_allowed);
+        if ev.verdict != enforcer_common::verdict::ALLOW || log_allowed {
+            sinks.publish(doc);
+        }
     }
 }
 

@@ -97,6 +97,11 @@ impl Enricher {
         info
     }
 
+    /// The policy (without grants) of a slot, for alert thresholds and log_allowed.
+    pub fn policy_of(&mut self, slot: u32) -> Option<crate::policy::Policy> {
+        self.slot(slot).spec
+    }
+
     pub fn to_ecs(&mut self, ev: &NetEvent) -> Value {
         let info = self.slot(ev.slot);
         let unix_ns = ev.boot_ns as i128 + self.boot_to_unix_ns;

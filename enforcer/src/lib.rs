@@ -1,6 +1,7 @@
 //! enforcer: the user-space controller. Pure modules (`policy`, `compile`) turn YAML
 //! into kernel table entries and never touch the kernel; `loader` is the only module
 //! that uses aya; the rest wire them to the command line, events and metrics.
+pub mod alerts;
 pub mod audit;
 pub mod cgroup;
 pub mod compile;

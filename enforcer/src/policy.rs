@@ -335,6 +335,71 @@ struct RawAudit {
     log_allowed: bool,
 }
 
+/// `10s`, `5m`, `1h` (whole units).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Window(u64);
+
+impl<'de> Deserialize<'de> for Window {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let (n, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+        let n: u64 = n.parse().map_err(|_| de::Error::custom(format!("invalid window \"{text}\": expected e.g. 10s, 5m")))?;
+        let secs = match unit {
+            "s" => n,
+            "m" => n * 60,
+            "h" => n * 3600,
+            _ => return Err(de::Error::custom(format!("invalid window \"{text}\": use s, m or h"))),
+        };
+        if secs == 0 || secs > 24 * 3600 {
+            return Err(de::Error::custom(format!("window \"{text}\" must be between 1s and 24h")));
+        }
+        Ok(Window(secs))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBurst {
+    count: u32,
+    window: Window,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAlerts {
+    /// `false` turns the burst alert off; a mapping sets its threshold.
+    #[serde(default)]
+    denial_burst: Option<BurstSetting>,
+    #[serde(default)]
+    new_destination: bool,
+}
+
+/// `true`/`false`, or a mapping with the threshold. Not `untagged`: that would replace
+/// the mapping's own errors (a bad window) with "did not match any variant".
+enum BurstSetting {
+    Enabled(bool),
+    Threshold(RawBurst),
+}
+
+impl<'de> Deserialize<'de> for BurstSetting {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = BurstSetting;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("true, false, or {count: N, window: 10s}")
+            }
+            fn visit_bool<E: de::Error>(self, b: bool) -> Result<BurstSetting, E> {
+                Ok(BurstSetting::Enabled(b))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<BurstSetting, A::Error> {
+                RawBurst::deserialize(de::value::MapAccessDeserializer::new(map)).map(BurstSetting::Threshold)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// Sections the schema reserves for features that have not landed: refused with a
 /// message that says so, rather than as an unknown field.
 struct NotYet;
@@ -357,6 +422,8 @@ struct RawSpec {
     network: RawNetwork,
     #[serde(default)]
     audit: RawAudit,
+    #[serde(default)]
+    alerts: Option<RawAlerts>,
     /// Refused while deserializing; never read.
     #[serde(default, rename = "files")]
     _files: Option<NotYet>,
@@ -407,6 +474,33 @@ pub struct Policy {
     pub mode: Mode,
     pub network: NetworkPolicy,
     pub log_allowed: bool,
+    #[serde(default)]
+    pub alerts: Alerts,
+}
+
+/// Detection rules: what makes an `event.kind: alert`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alerts {
+    /// `count` denials in one cgroup within `window_secs`; None = off.
+    pub denial_burst: Option<Burst>,
+    /// Alert on the first allowed connection to a destination (IP and port) this policy
+    /// has not been seen to reach.
+    pub new_destination: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Burst {
+    pub count: u32,
+    pub window_secs: u64,
+}
+
+/// The default burst alert: 20 denials within 10 seconds.
+pub const DEFAULT_BURST: Burst = Burst { count: 20, window_secs: 10 };
+
+impl Default for Alerts {
+    fn default() -> Self {
+        Self { denial_burst: Some(DEFAULT_BURST), new_destination: false }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -506,6 +600,22 @@ pub fn parse_policy_str(text: &str, origin: &str) -> Result<Policy, PolicyError>
             icmp: network.icmp,
         },
         log_allowed: raw.spec.audit.log_allowed,
+        alerts: match raw.spec.alerts {
+            None => Alerts::default(),
+            Some(a) => Alerts {
+                denial_burst: match a.denial_burst {
+                    None | Some(BurstSetting::Enabled(true)) => Some(DEFAULT_BURST),
+                    Some(BurstSetting::Enabled(false)) => None,
+                    Some(BurstSetting::Threshold(RawBurst { count, window })) => {
+                        if count == 0 {
+                            return Err(invalid(1, 1, "alerts.denial_burst.count must be at least 1".into()));
+                        }
+                        Some(Burst { count, window_secs: window.0 })
+                    }
+                },
+                new_destination: a.new_destination,
+            },
+        },
     })
 }
 
@@ -551,6 +661,17 @@ mod tests {
         assert_eq!(p.network.allow[1].net.to_string(), "::1/128");
         assert_eq!(p.network.allow[1].protocols, proto::ANY);
         assert_eq!(p.network.deny[0].name, "deny[0]");
+    }
+
+    #[test]
+    fn alerts_have_defaults_and_thresholds() {
+        let p = parse_policy_str(&format!("{HEAD}  alerts:\n    denial_burst: {{count: 5, window: 2m}}\n    new_destination: true\n"), "t.yaml").unwrap();
+        assert_eq!(p.alerts, Alerts { denial_burst: Some(Burst { count: 5, window_secs: 120 }), new_destination: true });
+        let off = parse_policy_str(&format!("{HEAD}  alerts:\n    denial_burst: false\n"), "t.yaml").unwrap();
+        assert_eq!(off.alerts.denial_burst, None);
+        assert_eq!(parse_policy_str(HEAD, "t.yaml").unwrap().alerts, Alerts::default());
+        let bad = parse_policy_str(&format!("{HEAD}  alerts:\n    denial_burst: {{count: 5, window: 2d}}\n"), "t.yaml").unwrap_err();
+        assert!(bad.to_string().contains("t.yaml:7:") && bad.to_string().contains("use s, m or h"), "{bad}");
     }
 
     #[test]

@@ -136,3 +136,45 @@ fn revoke_closes_a_grant_at_once_and_deny_rules_win_over_grants() {
     let again = enforcer(&["revoke", "--cgroup", cg.arg(), "--id", &id]);
     assert!(String::from_utf8_lossy(&again.stderr).contains("no live grant"), "{again:?}");
 }
+
+fn alerts(c: &Controller, action: &str) -> Vec<serde_json::Value> {
+    c.events().into_iter().filter(|e| e["event"]["kind"] == "alert" && e["event"]["action"] == action).collect()
+}
+
+#[test]
+fn alerts_fire_at_their_thresholds_and_not_below() {
+    let cg = TestCgroup::new("alerts");
+    let (open, closed) = (loopback_port("127.0.0.1"), loopback_port("127.0.0.1"));
+    let name = format!("alerts-{}", std::process::id()); // a fresh seen-destinations record
+    let p = TempFile::with(
+        "alerts.yaml",
+        &format!(
+            "apiVersion: enforcer/v1\nkind: AgentPolicy\nmetadata:\n  name: {name}\nspec:\n  network:\n    allow:\n      - ip: 127.0.0.1\n        ports: [{open}]\n  alerts:\n    denial_burst: {{count: 3, window: 60s}}\n    new_destination: true\n"
+        ),
+    );
+    let c = Controller::attach(cg.arg(), &p, &[]);
+    let denied = [format!("tcp:127.0.0.1:{closed}")];
+    let denied: Vec<&str> = denied.iter().map(String::as_str).collect();
+    probe_in(&cg.path, &denied);
+    probe_in(&cg.path, &denied);
+    c.wait_event("for the 2nd denial", |e| e["enforcer"]["verdict"] == "deny" && e["process"]["pid"] != serde_json::Value::Null);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(alerts(&c, "denial-burst").is_empty(), "2 denials stay below a threshold of 3");
+    probe_in(&cg.path, &denied);
+    let burst = c.wait_event("the burst alert", |e| e["event"]["action"] == "denial-burst");
+    assert_eq!(burst["enforcer"]["alert"]["count"], 3, "{burst}");
+
+    let allowed = [format!("tcp:127.0.0.1:{open}")];
+    let allowed: Vec<&str> = allowed.iter().map(String::as_str).collect();
+    probe_in(&cg.path, &allowed);
+    probe_in(&cg.path, &allowed);
+    let first = c.wait_event("the new-destination alert", |e| e["event"]["action"] == "new-destination");
+    assert_eq!(first["destination"]["port"], open);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(alerts(&c, "new-destination").len(), 1, "a destination alerts once");
+    assert!(
+        c.events().iter().all(|e| e["enforcer"]["verdict"] != "allow"),
+        "allowed decisions stay out of the sink without log_allowed"
+    );
+    let _ = std::fs::remove_file(format!("/run/enforcer/seen/{name}.txt"));
+}

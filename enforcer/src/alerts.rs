@@ -1,0 +1,161 @@
+//! Detection rules over the decision stream, emitting `event.kind: alert` documents:
+//! a burst of denials in one cgroup, and the first allowed connection of a policy to a
+//! destination (IP and port) it has not been seen to reach. Thresholds come from the
+//! policy (`spec.alerts`). Destinations seen are kept per policy under
+//! `/run/enforcer/seen`, so a restarted controller does not alert on all of them again.
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    fs,
+    io::Write as _,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+
+use crate::policy::Alerts;
+
+pub struct Detector {
+    seen_dir: PathBuf,
+    /// Recent denials per cgroup id.
+    denials: HashMap<u64, VecDeque<Instant>>,
+    /// When a cgroup last raised a burst alert: one alert per window.
+    last_burst: HashMap<u64, Instant>,
+    seen: HashMap<String, HashSet<String>>,
+}
+
+impl Detector {
+    pub fn new(seen_dir: PathBuf) -> Self {
+        Self { seen_dir, denials: HashMap::new(), last_burst: HashMap::new(), seen: HashMap::new() }
+    }
+
+    /// The alerts `event` raises under `alerts`, observed at `now`.
+    pub fn observe(&mut self, event: &Value, alerts: &Alerts, now: Instant) -> Vec<Value> {
+        let mut out = Vec::new();
+        let verdict = event.pointer("/enforcer/verdict").and_then(Value::as_str).unwrap_or("");
+        let cgroup = event.pointer("/cgroup/id").and_then(Value::as_u64).unwrap_or(0);
+        if let (Some(burst), "deny" | "audit-deny") = (alerts.denial_burst, verdict) {
+            let window = Duration::from_secs(burst.window_secs);
+            let recent = self.denials.entry(cgroup).or_default();
+            recent.push_back(now);
+            while recent.front().is_some_and(|&t| now.duration_since(t) >= window) {
+                recent.pop_front();
+            }
+            let quiet = self.last_burst.get(&cgroup).is_none_or(|&t| now.duration_since(t) >= window);
+            if recent.len() >= burst.count as usize && quiet {
+                self.last_burst.insert(cgroup, now);
+                let message = format!("{} denials within {}s", recent.len(), burst.window_secs);
+                out.push(alert(event, "denial-burst", &message, json!({ "count": recent.len(), "window_secs": burst.window_secs })));
+            }
+        }
+        let is_connect = event.pointer("/event/action").and_then(Value::as_str) == Some("network-connect");
+        if alerts.new_destination && verdict == "allow" && is_connect {
+            let policy = event.pointer("/policy/name").and_then(Value::as_str).unwrap_or("").to_string();
+            let ip = event.pointer("/destination/ip").and_then(Value::as_str).unwrap_or("");
+            let port = event.pointer("/destination/port").and_then(Value::as_u64).unwrap_or(0);
+            let destination = format!("{ip} {port}");
+            if self.first_sight(&policy, &destination) {
+                let message = format!("first connection of policy {policy} to {ip} port {port}");
+                out.push(alert(event, "new-destination", &message, json!({})));
+            }
+        }
+        out
+    }
+
+    fn seen_file(&self, policy: &str) -> PathBuf {
+        self.seen_dir.join(format!("{policy}.txt"))
+    }
+
+    /// Records a destination; true when the policy had not reached it before.
+    fn first_sight(&mut self, policy: &str, destination: &str) -> bool {
+        if !self.seen.contains_key(policy) {
+            let known = fs::read_to_string(self.seen_file(policy)).unwrap_or_default();
+            self.seen.insert(policy.to_string(), known.lines().map(String::from).collect());
+        }
+        let set = self.seen.get_mut(policy).expect("inserted above");
+        if !set.insert(destination.to_string()) {
+            return false;
+        }
+        // Best effort: without the file the alert still fires, once per controller.
+        let _ = fs::create_dir_all(&self.seen_dir);
+        if let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(self.seen_file(policy)) {
+            let _ = writeln!(f, "{destination}");
+        }
+        true
+    }
+}
+
+/// An alert document built from the event that raised it.
+fn alert(event: &Value, rule: &str, message: &str, detail: Value) -> Value {
+    let mut doc = json!({
+        "@timestamp": event["@timestamp"],
+        "event": { "kind": "alert", "category": ["network"], "action": rule, "type": ["info"] },
+        "message": message,
+        "rule": { "name": rule },
+        "enforcer": { "alert": detail },
+    });
+    for field in ["policy", "cgroup", "process", "user", "host", "destination"] {
+        if let Some(v) = event.get(field) {
+            doc[field] = v.clone();
+        }
+    }
+    doc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Burst;
+
+    fn denial(cgroup: u64) -> Value {
+        json!({"@timestamp": "t", "enforcer": {"verdict": "deny"}, "event": {"action": "network-connect"}, "cgroup": {"id": cgroup}, "policy": {"name": "p"}})
+    }
+
+    fn allowed(ip: &str, port: u16) -> Value {
+        json!({"@timestamp": "t", "enforcer": {"verdict": "allow"}, "event": {"action": "network-connect"}, "cgroup": {"id": 1}, "policy": {"name": "p"}, "destination": {"ip": ip, "port": port}})
+    }
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("enforcer-alerts-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn a_burst_alerts_at_its_threshold_not_below_and_once_per_window() {
+        let alerts = Alerts { denial_burst: Some(Burst { count: 3, window_secs: 10 }), new_destination: false };
+        let mut d = Detector::new(dir("burst"));
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert!(d.observe(&denial(1), &alerts, at(0)).is_empty());
+        assert!(d.observe(&denial(1), &alerts, at(1)).is_empty(), "2 of 3: below the threshold");
+        assert!(d.observe(&denial(2), &alerts, at(1)).is_empty(), "other cgroups count on their own");
+        let fired = d.observe(&denial(1), &alerts, at(2));
+        assert_eq!(fired.len(), 1, "the 3rd denial within 10s fires");
+        assert_eq!(fired[0]["event"]["kind"], "alert");
+        assert_eq!(fired[0]["event"]["action"], "denial-burst");
+        assert!(d.observe(&denial(1), &alerts, at(3)).is_empty(), "one alert per window");
+        // Old denials leave the window: 3 new ones are needed again.
+        assert!(d.observe(&denial(1), &alerts, at(30)).is_empty());
+        assert!(d.observe(&denial(1), &alerts, at(31)).is_empty());
+        assert_eq!(d.observe(&denial(1), &alerts, at(32)).len(), 1);
+    }
+
+    #[test]
+    fn first_connection_to_a_destination_alerts_once_even_after_a_restart() {
+        let alerts = Alerts { denial_burst: None, new_destination: true };
+        let seen = dir("seen");
+        let now = Instant::now();
+        let mut d = Detector::new(seen.clone());
+        let fired = d.observe(&allowed("10.0.0.1", 443), &alerts, now);
+        assert_eq!(fired.len(), 1);
+        assert_eq!(fired[0]["destination"]["port"], 443);
+        assert!(d.observe(&allowed("10.0.0.1", 443), &alerts, now).is_empty());
+        assert_eq!(d.observe(&allowed("10.0.0.1", 80), &alerts, now).len(), 1, "another port is another destination");
+        let mut restarted = Detector::new(seen.clone());
+        assert!(restarted.observe(&allowed("10.0.0.1", 443), &alerts, now).is_empty(), "remembered across restarts");
+        let off = Alerts { denial_burst: None, new_destination: false };
+        assert!(restarted.observe(&allowed("10.9.9.9", 1), &off, now).is_empty());
+        let _ = fs::remove_dir_all(seen);
+    }
+}
