@@ -66,7 +66,14 @@ impl std::str::FromStr for SyslogTarget {
 pub fn rfc5424(event: &Value, host: &str) -> String {
     let denied = event.pointer("/event/type/0").and_then(Value::as_str) == Some("denied");
     let pri = 13 * 8 + if denied { 4 } else { 5 };
-    let timestamp = event.get("@timestamp").and_then(Value::as_str).unwrap_or("-");
+    // RFC 5424 allows at most 6 fractional digits; ours has 9.
+    let timestamp = match event.get("@timestamp").and_then(Value::as_str) {
+        Some(t) => match t.split_once('.') {
+            Some((secs, frac)) if frac.len() > 7 => format!("{secs}.{}Z", &frac[..6]),
+            _ => t.to_string(),
+        },
+        None => "-".to_string(),
+    };
     let msgid = event.pointer("/event/action").and_then(Value::as_str).unwrap_or("-");
     let host = if host.is_empty() { "-" } else { host };
     format!("<{pri}>1 {timestamp} {host} enforcer {} {msgid} - {event}", std::process::id())
@@ -179,7 +186,7 @@ mod tests {
     fn formats_rfc5424_with_audit_facility_and_severity_by_verdict() {
         let denied = json!({"@timestamp": "2026-11-23T06:00:00.000000001Z", "event": {"action": "network-connect", "type": ["denied"]}});
         let line = rfc5424(&denied, "vm");
-        assert!(line.starts_with("<108>1 2026-11-23T06:00:00.000000001Z vm enforcer "), "{line}");
+        assert!(line.starts_with("<108>1 2026-11-23T06:00:00.000000Z vm enforcer "), "{line}");
         assert!(line.contains(" network-connect - {"), "{line}");
         let allowed = json!({"event": {"action": "network-sendmsg", "type": ["allowed"]}});
         assert!(rfc5424(&allowed, "").starts_with("<109>1 - - enforcer "));

@@ -177,6 +177,15 @@ impl Rsyslog {
             assert!(start.elapsed() < Duration::from_secs(10), "rsyslogd did not open its socket");
             std::thread::sleep(Duration::from_millis(50));
         }
+        // The UDP input binds on its own schedule and UDP sent before that is lost:
+        // wait until a datagram makes it through.
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let udp_log = dir.join("udp.log");
+        while !std::fs::read_to_string(&udp_log).unwrap_or_default().contains("rsyslog-ready") {
+            assert!(start.elapsed() < Duration::from_secs(20), "rsyslogd's UDP input never received anything");
+            let _ = sender.send_to(b"<13>1 - - test - - - rsyslog-ready", ("127.0.0.1", udp_port));
+            std::thread::sleep(Duration::from_millis(100));
+        }
         Self { child, dir, udp_port }
     }
 
@@ -187,7 +196,10 @@ impl Rsyslog {
             if let Some(line) = text.lines().find(|l| l.contains(needle)) {
                 return line.to_string();
             }
-            assert!(start.elapsed() < Duration::from_secs(10), "no line with {needle} in {file}: {text}");
+            if start.elapsed() > Duration::from_secs(10) {
+                let listing: Vec<_> = std::fs::read_dir(&self.dir).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+                panic!("no line with {needle} in {file}: {text:?}; dir {listing:?}; rsyslogd alive: {:?}", std::process::Command::new("kill").arg("-0").arg(self.child.id().to_string()).status().map(|s| s.success()));
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     }
