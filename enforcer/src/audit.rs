@@ -89,8 +89,14 @@ impl ChainWriter {
     /// Opens `path` for appending; `max_bytes` rotates before a record would pass it,
     /// keeping `keep` older files.
     pub fn open(path: &Path, max_bytes: Option<u64>, keep: usize) -> Result<Self, AuditError> {
-        let (prev, seq) = match chain_tail(path)? {
+        // Only a regular file is resumed and rotated: /dev/null must never be renamed,
+        // and reading the tail of a FIFO would block.
+        let regular = fs::metadata(path).map(|m| m.is_file()).unwrap_or(true);
+        let max_bytes = max_bytes.filter(|_| regular);
+        let tail = if regular { chain_tail(path)? } else { None };
+        let (prev, seq) = match tail {
             Some((hash, seq)) => (hash, seq + 1),
+            None if !regular => (GENESIS.to_string(), 0),
             None => match chain_tail(&rotated(path, 1))? {
                 // A rotation happened and the new file was never written.
                 Some((hash, seq)) => (hash, seq + 1),
@@ -98,7 +104,7 @@ impl ChainWriter {
             },
         };
         let mut file = OpenOptions::new().create(true).append(true).open(path).map_err(io_err(path))?;
-        let size = file.seek(SeekFrom::End(0)).map_err(io_err(path))?;
+        let size = if regular { file.seek(SeekFrom::End(0)).map_err(io_err(path))? } else { 0 };
         Ok(Self { path: path.into(), file, size, prev, seq, max_bytes, keep: keep.max(1) })
     }
 
@@ -322,6 +328,15 @@ mod tests {
         // Dropping a middle segment is a deletion.
         let gap = vec![rotated(&f, 3), rotated(&f, 1), f.clone()];
         assert!(verify(&gap).unwrap_err().problem.contains("deleted"));
+    }
+
+    #[test]
+    fn never_rotates_or_resumes_a_device() {
+        let mut w = ChainWriter::open(Path::new("/dev/null"), Some(10), 3).unwrap();
+        for i in 0..5 {
+            w.append(&json!({ "i": i, "pad": "x".repeat(40) })).unwrap();
+        }
+        assert!(Path::new("/dev/null").exists() && !rotated(Path::new("/dev/null"), 1).exists());
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub struct Enricher {
     /// since policies are replaced (reload, grant) into other slots.
     slots: HashMap<u32, (std::time::Instant, loader::SlotInfo)>,
     user_names: HashMap<u32, Option<String>>,
+    /// pid -> (read at, executable, parent pid): a busy process makes many decisions.
+    processes: HashMap<u32, (std::time::Instant, Option<String>, Option<u32>)>,
 }
 
 const SLOT_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
@@ -70,6 +72,7 @@ impl Enricher {
             cgroup_paths: HashMap::new(),
             slots: HashMap::new(),
             user_names: HashMap::new(),
+            processes: HashMap::new(),
         }
     }
 
@@ -102,6 +105,23 @@ impl Enricher {
         self.slot(slot).spec
     }
 
+    /// Executable and parent of a process, read from /proc at most once a second (a
+    /// pid is reused only after its process is gone, and then rarely that fast).
+    fn process_facts(&mut self, pid: u32) -> (Option<String>, Option<u32>) {
+        let now = std::time::Instant::now();
+        if let Some((read_at, exe, ppid)) = self.processes.get(&pid) {
+            if now.duration_since(*read_at) < SLOT_CACHE_TTL {
+                return (exe.clone(), *ppid);
+            }
+        }
+        if self.processes.len() > 4096 {
+            self.processes.retain(|_, (t, ..)| now.duration_since(*t) < SLOT_CACHE_TTL);
+        }
+        let facts = (executable(pid), parent_pid(pid));
+        self.processes.insert(pid, (now, facts.0.clone(), facts.1));
+        facts
+    }
+
     pub fn to_ecs(&mut self, ev: &NetEvent) -> Value {
         let info = self.slot(ev.slot);
         let unix_ns = ev.boot_ns as i128 + self.boot_to_unix_ns;
@@ -113,6 +133,7 @@ impl Enricher {
             id => info.rules.get(id as usize - 1).cloned().unwrap_or_else(|| format!("rule-{id}")),
         };
         let comm_len = ev.comm.iter().position(|&b| b == 0).unwrap_or(ev.comm.len());
+        let (exe, ppid) = self.process_facts(ev.pid);
         let (action, transport) = match ev.hook {
             hook::SOCK_CREATE => ("socket-create", socket_transport(ev.sock_type, ev.protocol)),
             hook::SENDMSG4 | hook::SENDMSG6 => ("network-sendmsg", ip_transport(ev.protocol)),
@@ -132,8 +153,8 @@ impl Enricher {
                 "pid": ev.pid,
                 "thread": { "id": ev.tid },
                 "name": String::from_utf8_lossy(&ev.comm[..comm_len]),
-                "executable": executable(ev.pid),
-                "parent": { "pid": parent_pid(ev.pid) },
+                "executable": exe,
+                "parent": { "pid": ppid },
             },
             "user": {
                 "id": ev.uid.to_string(),
