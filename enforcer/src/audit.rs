@@ -30,11 +30,16 @@ fn record_hash(record: &Value) -> String {
     if let Some(chain) = unhashed.get_mut("chain").and_then(Value::as_object_mut) {
         chain.remove("hash");
     }
+    hash_unhashed(&unhashed)
+}
+
+/// `record_hash` of a record that has no `chain.hash` yet.
+fn hash_unhashed(record: &Value) -> String {
     let prev = record.pointer("/chain/prev").and_then(Value::as_str).unwrap_or_default();
     let mut h = Sha256::new();
     h.update(prev.as_bytes());
     h.update(b"\n");
-    h.update(serde_json::to_string(&unhashed).expect("serializable").as_bytes());
+    h.update(serde_json::to_vec(record).expect("serializable"));
     hex(&h.finalize())
 }
 
@@ -52,7 +57,8 @@ pub enum AuditError {
 /// Appends chained records to a file, rotating it by size.
 pub struct ChainWriter {
     path: PathBuf,
-    file: File,
+    /// Buffered: callers `flush` when their queue runs dry.
+    file: io::BufWriter<File>,
     size: u64,
     prev: String,
     seq: u64,
@@ -105,15 +111,28 @@ impl ChainWriter {
         };
         let mut file = OpenOptions::new().create(true).append(true).open(path).map_err(io_err(path))?;
         let size = if regular { file.seek(SeekFrom::End(0)).map_err(io_err(path))? } else { 0 };
-        Ok(Self { path: path.into(), file, size, prev, seq, max_bytes, keep: keep.max(1) })
+        Ok(Self { path: path.into(), file: io::BufWriter::with_capacity(1 << 16, file), size, prev, seq, max_bytes, keep: keep.max(1) })
     }
 
-    pub fn append(&mut self, record: &Value) -> Result<(), AuditError> {
-        let mut record = record.clone();
+    /// Appends one record (buffered: call `flush` when no more are waiting).
+    pub fn append(&mut self, mut record: Value) -> Result<(), AuditError> {
         record["chain"] = json!({ "seq": self.seq, "prev": self.prev });
-        let hash = record_hash(&record);
-        record["chain"]["hash"] = json!(hash);
-        let mut line = serde_json::to_vec(&record).expect("serializable");
+        // Serialize once: the hashed text is the record without chain.hash, and the
+        // written line is that text with the hash spliced in as chain's first key
+        // (keys serialize sorted). A raw `"chain":{` can only be the top-level key:
+        // quotes inside strings are escaped, and no nested object has a "chain" key.
+        let unhashed = serde_json::to_vec(&record).expect("serializable");
+        let mut h = Sha256::new();
+        h.update(self.prev.as_bytes());
+        h.update(b"\n");
+        h.update(&unhashed);
+        let hash = hex(&h.finalize());
+        const KEY: &[u8] = b"\"chain\":{";
+        let at = unhashed.windows(KEY.len()).position(|w| w == KEY).expect("chain was inserted") + KEY.len();
+        let mut line = Vec::with_capacity(unhashed.len() + 80);
+        line.extend_from_slice(&unhashed[..at]);
+        line.extend_from_slice(format!("\"hash\":\"{hash}\",").as_bytes());
+        line.extend_from_slice(&unhashed[at..]);
         line.push(b'\n');
         if self.max_bytes.is_some_and(|max| self.size > 0 && self.size + line.len() as u64 > max) {
             self.rotate()?;
@@ -125,7 +144,12 @@ impl ChainWriter {
         Ok(())
     }
 
+    pub fn flush(&mut self) -> Result<(), AuditError> {
+        self.file.flush().map_err(io_err(&self.path))
+    }
+
     fn rotate(&mut self) -> Result<(), AuditError> {
+        self.flush()?;
         for n in (1..self.keep).rev() {
             let from = rotated(&self.path, n);
             if from.exists() {
@@ -133,9 +157,16 @@ impl ChainWriter {
             }
         }
         fs::rename(&self.path, rotated(&self.path, 1)).map_err(io_err(&self.path))?;
-        self.file = OpenOptions::new().create(true).append(true).open(&self.path).map_err(io_err(&self.path))?;
+        let file = OpenOptions::new().create(true).append(true).open(&self.path).map_err(io_err(&self.path))?;
+        self.file = io::BufWriter::with_capacity(1 << 16, file);
         self.size = 0;
         Ok(())
+    }
+}
+
+impl Drop for ChainWriter {
+    fn drop(&mut self) {
+        let _ = self.file.flush();
     }
 }
 
@@ -242,7 +273,7 @@ mod tests {
     fn write(path: &Path, n: u64) {
         let mut w = ChainWriter::open(path, None, 3).unwrap();
         for i in 0..n {
-            w.append(&json!({ "event": { "action": "network-connect" }, "i": i })).unwrap();
+            w.append(json!({ "event": { "action": "network-connect" }, "i": i })).unwrap();
         }
     }
 
@@ -316,7 +347,7 @@ mod tests {
         let f = d.0.join("events.jsonl");
         let mut w = ChainWriter::open(&f, Some(400), 3).unwrap();
         for i in 0..12 {
-            w.append(&json!({ "i": i, "pad": "x".repeat(60) })).unwrap();
+            w.append(json!({ "i": i, "pad": "x".repeat(60) })).unwrap();
         }
         drop(w);
         let files = vec![rotated(&f, 3), rotated(&f, 2), rotated(&f, 1), f.clone()];
@@ -334,7 +365,7 @@ mod tests {
     fn never_rotates_or_resumes_a_device() {
         let mut w = ChainWriter::open(Path::new("/dev/null"), Some(10), 3).unwrap();
         for i in 0..5 {
-            w.append(&json!({ "i": i, "pad": "x".repeat(40) })).unwrap();
+            w.append(json!({ "i": i, "pad": "x".repeat(40) })).unwrap();
         }
         assert!(Path::new("/dev/null").exists() && !rotated(Path::new("/dev/null"), 1).exists());
     }

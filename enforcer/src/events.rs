@@ -29,7 +29,7 @@ pub struct Enricher {
     cgroup_paths: HashMap<u64, String>,
     /// Slot names with when they were read: a slot is re-read after `SLOT_CACHE_TTL`,
     /// since policies are replaced (reload, grant) into other slots.
-    slots: HashMap<u32, (std::time::Instant, loader::SlotInfo)>,
+    slots: HashMap<u32, (std::time::Instant, std::sync::Arc<loader::SlotInfo>)>,
     user_names: HashMap<u32, Option<String>>,
     /// pid -> (read at, executable, parent pid): a busy process makes many decisions.
     processes: HashMap<u32, (std::time::Instant, Option<String>, Option<u32>)>,
@@ -87,22 +87,23 @@ impl Enricher {
         path
     }
 
-    fn slot(&mut self, slot: u32) -> loader::SlotInfo {
+    fn slot(&mut self, slot: u32) -> std::sync::Arc<loader::SlotInfo> {
         if let Some((read_at, info)) = self.slots.get(&slot) {
             if read_at.elapsed() < SLOT_CACHE_TTL {
                 return info.clone();
             }
         }
-        let info = loader::read_slot_info(slot).unwrap_or_default();
+        let info = std::sync::Arc::new(loader::read_slot_info(slot).unwrap_or_default());
         if !info.policy.is_empty() {
             self.slots.insert(slot, (std::time::Instant::now(), info.clone()));
         }
         info
     }
 
-    /// The policy (without grants) of a slot, for alert thresholds and log_allowed.
-    pub fn policy_of(&mut self, slot: u32) -> Option<crate::policy::Policy> {
-        self.slot(slot).spec
+    /// What is known of a slot; its `spec` (the policy without grants) holds the alert
+    /// thresholds and log_allowed.
+    pub fn policy_of(&mut self, slot: u32) -> std::sync::Arc<loader::SlotInfo> {
+        self.slot(slot)
     }
 
     /// Executable and parent of a process, read from /proc at most once a second (a
@@ -250,10 +251,11 @@ impl Sink {
         crate::audit::ChainWriter::open(Path::new(target), Some(rotation.max_bytes), rotation.keep).map(Self::File)
     }
 
-    pub fn write_event(&mut self, doc: &Value) -> io::Result<()> {
+    /// Writes one event; files buffer until `flush`.
+    pub fn write_event(&mut self, doc: Value) -> io::Result<()> {
         match self {
             Self::Stdout | Self::Stderr => {
-                let mut line = serde_json::to_vec(doc).expect("serializable");
+                let mut line = serde_json::to_vec(&doc).expect("serializable");
                 line.push(b'\n');
                 if matches!(self, Self::Stdout) {
                     let mut out = io::stdout().lock();
@@ -264,6 +266,13 @@ impl Sink {
                 }
             }
             Self::File(chain) => chain.append(doc).map_err(io::Error::other),
+        }
+    }
+
+    pub fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Self::File(chain) => chain.flush().map_err(io::Error::other),
+            _ => Ok(()),
         }
     }
 }

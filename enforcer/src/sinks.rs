@@ -114,7 +114,14 @@ impl FanOut {
         Self { queues: Vec::new(), threads: Vec::new() }
     }
 
-    fn spawn(&mut self, name: String, mut write: impl FnMut(&Value) -> io::Result<()> + Send + 'static) {
+    /// Runs `write` for every queued event and `flush` whenever the queue runs dry, so
+    /// a burst is written in large blocks and a quiet stream still reaches the disk.
+    fn spawn(
+        &mut self,
+        name: String,
+        mut write: impl FnMut(Value) -> io::Result<()> + Send + 'static,
+        mut flush: impl FnMut() -> io::Result<()> + Send + 'static,
+    ) {
         let written = Arc::new(AtomicU64::new(0));
         let dropped = Arc::new(AtomicU64::new(0));
         counters().lock().expect("counters lock").insert(name.clone(), (written.clone(), dropped.clone()));
@@ -123,11 +130,16 @@ impl FanOut {
         let thread = thread::Builder::new()
             .name(format!("sink-{name}"))
             .spawn(move || {
-                for event in rx {
-                    match write(&event) {
-                        Ok(()) => written.fetch_add(1, Ordering::Relaxed),
-                        Err(_) => dropped_on_error.fetch_add(1, Ordering::Relaxed),
-                    };
+                let record = |result: io::Result<()>| match result {
+                    Ok(()) => written.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => dropped_on_error.fetch_add(1, Ordering::Relaxed),
+                };
+                while let Ok(event) = rx.recv() {
+                    record(write(event));
+                    while let Ok(event) = rx.try_recv() {
+                        record(write(event));
+                    }
+                    let _ = flush();
                 }
             })
             .expect("spawn sink thread");
@@ -135,8 +147,14 @@ impl FanOut {
         self.threads.push(thread);
     }
 
-    pub fn add_event_sink(&mut self, name: &str, mut sink: Sink) {
-        self.spawn(name.to_string(), move |event| sink.write_event(event));
+    pub fn add_event_sink(&mut self, name: &str, sink: Sink) {
+        let sink = Arc::new(Mutex::new(sink));
+        let flushing = sink.clone();
+        self.spawn(
+            name.to_string(),
+            move |event| sink.lock().expect("sink lock").write_event(event),
+            move || flushing.lock().expect("sink lock").flush(),
+        );
     }
 
     pub fn add_syslog(&mut self, target: &SyslogTarget, host: String) -> io::Result<()> {
@@ -145,7 +163,7 @@ impl FanOut {
             SyslogTarget::Udp(a) => format!("syslog-udp:{a}"),
             SyslogTarget::Unix(p) => format!("syslog-unix:{}", p.display()),
         };
-        self.spawn(name, move |event| transport.send(&rfc5424(event, &host)));
+        self.spawn(name, move |event| transport.send(&rfc5424(&event, &host)), || Ok(()));
         Ok(())
     }
 
@@ -207,16 +225,24 @@ mod tests {
         let mut fan = FanOut::new();
         // The stuck sink blocks on its first event until released.
         let release = Mutex::new(Some(release_rx));
-        fan.spawn("stuck-test".into(), move |_| {
-            if let Some(rx) = release.lock().unwrap().take() {
-                let _ = rx.recv();
-            }
-            Ok(())
-        });
-        fan.spawn("fast-test".into(), move |_| {
-            seen.fetch_add(1, Ordering::Relaxed);
-            Ok(())
-        });
+        fan.spawn(
+            "stuck-test".into(),
+            move |_| {
+                if let Some(rx) = release.lock().unwrap().take() {
+                    let _ = rx.recv();
+                }
+                Ok(())
+            },
+            || Ok(()),
+        );
+        fan.spawn(
+            "fast-test".into(),
+            move |_| {
+                seen.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            },
+            || Ok(()),
+        );
         let total = QUEUE_DEPTH as u64 + 1_000;
         for i in 0..total {
             fan.publish(json!({ "i": i }));

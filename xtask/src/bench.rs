@@ -43,7 +43,92 @@ pub fn run(iterations: u32) -> anyhow::Result<()> {
     let _ = fs::remove_dir(&base);
     let rows = result?;
     report(&rows);
-    Ok(())
+    events_bench(&mount)
+}
+
+/// How long the throughput bench generates events.
+const EVENT_SECS: u64 = 5;
+
+/// The event rate asked for (`--event-rate`), passed to the worker in the environment.
+fn event_rate() -> u64 {
+    std::env::var("XTASK_EVENT_RATE").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000)
+}
+
+/// Drives `--event-rate` denied sendto()s a second for EVENT_SECS from a confined cgroup
+/// while enforcer writes every decision to a hash-chained file, then compares what was
+/// generated with what was written, lost in the kernel and dropped by the sink.
+fn events_bench(mount: &Path) -> anyhow::Result<()> {
+    let rate = event_rate();
+    super::step(&format!("bench: {rate} events/s for {EVENT_SECS}s into a chained file"));
+    let cgroup = mount.join(format!("enforcer-bench-events-{}", std::process::id()));
+    fs::create_dir_all(&cgroup)?;
+    let dir = std::env::temp_dir().join(format!("enforcer-bench-events-{}", std::process::id()));
+    fs::create_dir_all(&dir)?;
+    let result = (|| -> anyhow::Result<()> {
+        let policy = dir.join("policy.yaml");
+        fs::write(
+            &policy,
+            "apiVersion: enforcer/v1\nkind: AgentPolicy\nmetadata:\n  name: bench-events\nspec:\n  network:\n    default: deny\n  alerts:\n    denial_burst: false\n",
+        )?;
+        let events = dir.join("events.jsonl");
+        let metrics = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.local_addr()?.to_string()
+        };
+        let mut controller = attach_with(
+            &cgroup,
+            &policy,
+            &["--events", events.to_str().expect("utf-8"), "--events-max-bytes", &(8u64 << 30).to_string(), "--metrics-addr", &metrics],
+        )?;
+        let out = (|| -> anyhow::Result<String> {
+            let generated = run_worker_raw("events", &cgroup, 0)?;
+            let generated: u64 = generated.split_whitespace().next().unwrap_or("0").parse()?;
+            // Wait until the controller has written what it will write.
+            let mut last = (0, std::time::Instant::now());
+            loop {
+                let written = scrape(&metrics, "enforcer_events_written_total{");
+                if written >= generated as f64 || last.1.elapsed() > std::time::Duration::from_secs(5) {
+                    break;
+                }
+                if written as u64 != last.0 {
+                    last = (written as u64, std::time::Instant::now());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            let written = scrape(&metrics, "enforcer_events_written_total{");
+            let dropped = scrape(&metrics, "enforcer_events_dropped_total{");
+            let lost = scrape(&metrics, "enforcer_events_lost_total{where=\"kernel\"}");
+            let lines = fs::read_to_string(&events).map(|t| t.lines().count()).unwrap_or(0);
+            Ok(format!(
+                "\nevents: generated {generated} denied sendto() in {EVENT_SECS}s ({:.0}/s); written {written:.0} \
+                 (file lines {lines}); lost in the kernel ring buffer {lost:.0}; dropped by the sink {dropped:.0}: {}",
+                generated as f64 / EVENT_SECS as f64,
+                if written as u64 == generated && lost == 0.0 && dropped == 0.0 && lines as u64 == generated {
+                    "no loss"
+                } else {
+                    "LOSS"
+                }
+            ))
+        })();
+        unsafe { libc::kill(controller.id() as i32, libc::SIGTERM) };
+        let _ = controller.wait();
+        println!("{}", out?);
+        Ok(())
+    })();
+    let _ = Command::new(super::enforcer_bin()).args(["detach", "--cgroup"]).arg(&cgroup).stderr(Stdio::null()).status();
+    let _ = fs::remove_dir(&cgroup);
+    let _ = fs::remove_dir_all(&dir);
+    result
+}
+
+/// The value of the first series starting with `prefix` on a /metrics page.
+fn scrape(addr: &str, prefix: &str) -> f64 {
+    let out = Command::new("curl").args(["-sf", &format!("http://{addr}/metrics")]).output();
+    let body = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    body.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// The setups, each in its own cgroup, all in place at once: (cgroup name, label).
@@ -137,8 +222,14 @@ fn bench_policy(rules: usize) -> String {
 }
 
 fn attach(cgroup: &Path, policy: &Path) -> anyhow::Result<Child> {
+    attach_with(cgroup, policy, &["--events", "/dev/null"])
+}
+
+fn attach_with(cgroup: &Path, policy: &Path, extra: &[&str]) -> anyhow::Result<Child> {
     let mut child = Command::new(super::enforcer_bin())
-        .args(["attach", "--events", "/dev/null", "--cgroup"])
+        .arg("attach")
+        .args(extra)
+        .arg("--cgroup")
         .arg(cgroup)
         .arg("--policy")
         .arg(policy)
@@ -217,9 +308,15 @@ fn enforcer_connect4_prog(cgroup: &Path) -> anyhow::Result<i32> {
 
 /// Runs the worker inside the cgroup; it prints the median ns/op of its rounds.
 fn run_worker(kind: &str, cgroup: &Path, iterations: u32) -> anyhow::Result<f64> {
+    run_worker_raw(kind, cgroup, iterations)?.trim().parse().context("worker output")
+}
+
+/// Runs the worker inside the cgroup and returns what it printed.
+fn run_worker_raw(kind: &str, cgroup: &Path, iterations: u32) -> anyhow::Result<String> {
     let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())?;
     let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.args(["bench", "--iterations", &iterations.to_string()]).env("XTASK_BENCH_WORKER", kind);
+    cmd.args(["bench", "--iterations", &iterations.to_string(), "--event-rate", &event_rate().to_string()])
+        .env("XTASK_BENCH_WORKER", kind);
     // SAFETY: open/write/close only, between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -233,7 +330,7 @@ fn run_worker(kind: &str, cgroup: &Path, iterations: u32) -> anyhow::Result<f64>
     }
     let out = cmd.output().context("running the bench worker")?;
     ensure!(out.status.success(), "bench worker failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().parse().context("worker output")
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn worker(kind: &str, iterations: u32) -> anyhow::Result<()> {
@@ -264,6 +361,29 @@ fn worker(kind: &str, iterations: u32) -> anyhow::Result<()> {
                 }
                 rounds.push(start.elapsed().as_nanos() as f64 / iterations as f64);
             }
+        }
+        "events" => {
+            // `--event-rate` denied sendto()s a second, paced per millisecond.
+            let sock = UdpSocket::bind("127.0.0.1:0")?;
+            let per_tick = event_rate() / 1000;
+            let start = Instant::now();
+            let mut sent = 0u64;
+            let mut tick = 0u64;
+            while tick < EVENT_SECS * 1000 {
+                // Sleep, not spin: the controller under test shares the 2 cores.
+                let due = start + std::time::Duration::from_millis(tick);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                for _ in 0..per_tick {
+                    let denied = sock.send_to(b"x", "127.0.0.1:9").is_err();
+                    ensure!(denied, "the bench policy must deny this sendto");
+                    sent += 1;
+                }
+                tick += 1;
+            }
+            println!("{sent} {:.3}", start.elapsed().as_secs_f64());
+            return Ok(());
         }
         other => bail!("unknown bench worker {other}"),
     }

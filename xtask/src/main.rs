@@ -42,6 +42,9 @@ enum Task {
         /// Iterations per measurement.
         #[arg(long, default_value_t = 20_000)]
         iterations: u32,
+        /// Events per second for the event-throughput part.
+        #[arg(long, default_value_t = 100_000)]
+        event_rate: u64,
     },
 }
 
@@ -74,9 +77,12 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             test(filter.as_deref())
         }
-        Task::Bench { iterations } => {
+        Task::Bench { iterations, event_rate } => {
             setup()?;
             build_release()?;
+            // The bench re-executes itself as its worker; the rate travels with it.
+            // SAFETY: set before any thread is started.
+            unsafe { std::env::set_var("XTASK_EVENT_RATE", event_rate.to_string()) };
             bench::run(iterations)
         }
     }
