@@ -252,7 +252,7 @@ pub fn command_in(cgroup: &Path, program: &Path) -> Command {
     cmd
 }
 
-fn parse_probe(output: Output, targets: &[&str]) -> Vec<String> {
+fn parse_probe<S: AsRef<str>>(output: Output, targets: &[S]) -> Vec<String> {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "probe failed: {:?}\n{}", output.status, String::from_utf8_lossy(&output.stderr));
     let outcomes: Vec<String> =
@@ -263,14 +263,22 @@ fn parse_probe(output: Output, targets: &[&str]) -> Vec<String> {
 
 /// Probes `targets` from a process inside `cgroup`; returns one outcome per target
 /// (`ok`, `EPERM`, `ECONNREFUSED`, ...).
-pub fn probe_in(cgroup: &Path, targets: &[&str]) -> Vec<String> {
-    let out = command_in(cgroup, &enforcer_bin()).arg("probe").args(targets).output().expect("run probe");
+pub fn probe_in<S: AsRef<str>>(cgroup: &Path, targets: &[S]) -> Vec<String> {
+    let out = command_in(cgroup, &enforcer_bin())
+        .arg("probe")
+        .args(targets.iter().map(AsRef::as_ref))
+        .output()
+        .expect("run probe");
     parse_probe(out, targets)
 }
 
 /// Probes from the test's own cgroup (not confined).
-pub fn probe_outside(targets: &[&str]) -> Vec<String> {
-    let out = Command::new(enforcer_bin()).arg("probe").args(targets).output().expect("run probe");
+pub fn probe_outside<S: AsRef<str>>(targets: &[S]) -> Vec<String> {
+    let out = Command::new(enforcer_bin())
+        .arg("probe")
+        .args(targets.iter().map(AsRef::as_ref))
+        .output()
+        .expect("run probe");
     parse_probe(out, targets)
 }
 
@@ -280,8 +288,8 @@ pub fn allowed(outcome: &str) -> bool {
 }
 
 /// Asserts each outcome against the expectation (`true` = allowed, `false` = EPERM).
-pub fn assert_outcomes(targets: &[&str], outcomes: &[String], expected: &[bool]) {
-    for ((t, o), &e) in targets.iter().zip(outcomes).zip(expected) {
+pub fn assert_outcomes<S: AsRef<str>>(targets: &[S], outcomes: &[String], expected: &[bool]) {
+    for ((t, o), &e) in targets.iter().map(AsRef::as_ref).zip(outcomes).zip(expected) {
         if e {
             assert!(allowed(o), "{t}: expected the kernel to allow it, got {o}");
         } else {
@@ -308,6 +316,11 @@ pub fn loopback_port(ip: &str) -> u16 {
         });
     }
     port
+}
+
+/// A loopback TCP port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind(("127.0.0.1", 0)).expect("bind").local_addr().expect("addr").port()
 }
 
 pub fn enforcer(args: &[&str]) -> Output {

@@ -7,7 +7,6 @@ fn events_file_is_chained_across_restarts_and_tampering_is_caught() {
     let cg = TestCgroup::new("audit-chain");
     let port = loopback_port("127.0.0.1");
     let t = [format!("tcp:127.0.0.1:{port}"), format!("sendto:127.0.0.1:{port}")];
-    let t: Vec<&str> = t.iter().map(String::as_str).collect();
     let p = policy("chain", "enforce", "    default: deny\n");
 
     let c = Controller::attach(cg.arg(), &p, &[]);

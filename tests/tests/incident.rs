@@ -11,7 +11,6 @@ fn isolate_blocks_allowed_traffic_at_once_and_release_restores_it() {
     let cg = TestCgroup::new("isolate");
     let port = loopback_port("127.0.0.1");
     let t = [format!("tcp:127.0.0.1:{port}"), format!("sendto:127.0.0.1:{port}")];
-    let t: Vec<&str> = t.iter().map(String::as_str).collect();
     let p = policy("isolate", "enforce", &format!("    default: deny\n    allow:\n      - ip: 127.0.0.1\n        ports: [{port}]\n"));
     let c = Controller::attach(cg.arg(), &p, &[]);
     assert_outcomes(&t, &probe_in(&cg.path, &t), &[true, true]);
@@ -94,7 +93,6 @@ fn a_grant_opens_a_denied_destination_until_the_kernel_closes_it() {
     let cg = TestCgroup::new("grant");
     let (port, other) = (loopback_port("127.0.0.1"), loopback_port("127.0.0.1"));
     let t = [format!("tcp:127.0.0.1:{port}"), format!("tcp:127.0.0.1:{other}")];
-    let t: Vec<&str> = t.iter().map(String::as_str).collect();
     let p = policy("grant", "enforce", "    default: deny\n");
     let mut c = Controller::attach(cg.arg(), &p, &[]);
     assert_outcomes(&t, &probe_in(&cg.path, &t), &[false, false]);
@@ -128,7 +126,6 @@ fn revoke_closes_a_grant_at_once_and_deny_rules_win_over_grants() {
     let record: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let id = record["enforcer"]["grant"]["id"].as_u64().unwrap().to_string();
     let t = [format!("tcp:127.0.0.1:{port}"), format!("tcp:127.0.0.1:{denied}")];
-    let t: Vec<&str> = t.iter().map(String::as_str).collect();
     assert_outcomes(&t, &probe_in(&cg.path, &t), &[true, false]);
     let out = enforcer(&["revoke", "--cgroup", cg.arg(), "--id", &id]);
     assert!(out.status.success(), "revoke failed: {out:?}");
@@ -154,7 +151,6 @@ fn alerts_fire_at_their_thresholds_and_not_below() {
     );
     let c = Controller::attach(cg.arg(), &p, &[]);
     let denied = [format!("tcp:127.0.0.1:{closed}")];
-    let denied: Vec<&str> = denied.iter().map(String::as_str).collect();
     probe_in(&cg.path, &denied);
     probe_in(&cg.path, &denied);
     c.wait_event("for the 2nd denial", |e| e["enforcer"]["verdict"] == "deny" && e["process"]["pid"] != serde_json::Value::Null);
@@ -165,7 +161,6 @@ fn alerts_fire_at_their_thresholds_and_not_below() {
     assert_eq!(burst["enforcer"]["alert"]["count"], 3, "{burst}");
 
     let allowed = [format!("tcp:127.0.0.1:{open}")];
-    let allowed: Vec<&str> = allowed.iter().map(String::as_str).collect();
     probe_in(&cg.path, &allowed);
     probe_in(&cg.path, &allowed);
     let first = c.wait_event("the new-destination alert", |e| e["event"]["action"] == "new-destination");

@@ -21,7 +21,6 @@ fn allowed_tcp_and_udp_pass_denied_get_eperm() {
         format!("sendto:127.0.0.1:{closed}"),
         format!("tcp:127.0.0.2:{open}"),
     ];
-    let t: Vec<&str> = t.iter().map(String::as_str).collect();
     let out = probe_in(&cg.path, &t);
     assert_eq!(out[0], "ok", "allowed TCP connect to a listening server must succeed");
     assert_outcomes(&t, &out, &[true, true, true, false, false, false, false]);
@@ -39,7 +38,6 @@ fn ipv4_mapped_ipv6_is_judged_by_ipv4_rules() {
         format!("udp:[::ffff:127.0.0.1]:{closed}"),
         format!("sendto:[::ffff:127.0.0.1]:{closed}"),
     ];
-    let t: Vec<&str> = t.iter().map(String::as_str).collect();
     assert_outcomes(&t, &probe_in(&cg.path, &t), &[true, false, false, false]);
 }
 
@@ -51,7 +49,6 @@ fn unspecified_address_is_judged_as_loopback() {
     let p = policy("unspec", "enforce", "    default: allow\n    deny:\n      - cidr: 127.0.0.0/8\n      - cidr: ::1/128\n");
     let _c = Controller::attach(cg.arg(), &p, &[]);
     let t = [format!("tcp:0.0.0.0:{closed}"), format!("tcp:[::]:{closed}"), format!("tcp:[::ffff:0.0.0.0]:{closed}")];
-    let t: Vec<&str> = t.iter().map(String::as_str).collect();
     assert_outcomes(&t, &probe_in(&cg.path, &t), &[false, false, false]);
 }
 
@@ -72,7 +69,6 @@ fn ipv6_rules_apply() {
         format!("udp:[::1]:{closed}"),
         format!("sendto:[::1]:{closed}"),
     ];
-    let t: Vec<&str> = t.iter().map(String::as_str).collect();
     let out = probe_in(&cg.path, &t);
     assert_eq!(out[0], "ok");
     assert_outcomes(&t, &out, &[true, true, false, false, false]);
@@ -102,7 +98,6 @@ fn port_ranges_and_protocols() {
         format!("udp:127.0.0.1:{}", base + 10),
         format!("tcp:127.0.0.1:{}", base + 10),
     ];
-    let t: Vec<&str> = t.iter().map(String::as_str).collect();
     assert_outcomes(&t, &probe_in(&cg.path, &t), &[true, true, false, false, false, true, false]);
 }
 
@@ -117,7 +112,6 @@ fn deny_wins_over_allow() {
     );
     let c = Controller::attach(cg.arg(), &p, &[]);
     let t = [format!("tcp:127.0.0.1:{port}"), format!("tcp:127.0.0.2:{port}"), format!("tcp:127.0.0.1:{}", port.wrapping_add(1).max(1))];
-    let t: Vec<&str> = t.iter().map(String::as_str).collect();
     assert_outcomes(&t, &probe_in(&cg.path, &t), &[false, true, true]);
     let ev = c.wait_event("denying the admin port", |e| e["event"]["type"][0] == "denied");
     assert_eq!(ev["rule"]["name"], "no-admin", "the deny rule decided: {ev}");
@@ -130,7 +124,6 @@ fn audit_mode_allows_and_reports_would_deny() {
     let p = policy("audit", "enforce", "    default: deny\n");
     let c = Controller::attach(cg.arg(), &p, &["--mode", "audit"]);
     let t = [format!("tcp:127.0.0.1:{port}")];
-    let t: Vec<&str> = t.iter().map(String::as_str).collect();
     assert_eq!(probe_in(&cg.path, &t), vec!["ok"], "audit mode must not block");
     let ev = c.wait_event("with verdict audit-deny", |e| e["enforcer"]["verdict"] == "audit-deny");
     assert_eq!(ev["destination"]["port"], port);
@@ -144,7 +137,6 @@ fn nested_cgroups_and_forked_children_inherit() {
     let _c = Controller::attach(cg.arg(), &p, &[]);
     let grandchild = cg.child("child/grandchild");
     let t = [format!("tcp:127.0.0.1:{port}")];
-    let t: Vec<&str> = t.iter().map(String::as_str).collect();
     assert_eq!(probe_in(&grandchild, &t), vec!["EPERM"], "a grandchild cgroup inherits the policy");
     // A process forked twice inside the cgroup.
     let script = format!("sh -c '{} probe {}'", enforcer_bin().display(), t[0]);
@@ -175,7 +167,6 @@ fn tcp_fast_open_is_judged_like_connect() {
     let p = policy("tfo", "enforce", &allow_one_port(open));
     let _c = Controller::attach(cg.arg(), &p, &[]);
     let t = [format!("tfo:127.0.0.1:{closed}"), format!("tfo:127.0.0.1:{open}")];
-    let t: Vec<&str> = t.iter().map(String::as_str).collect();
     assert_outcomes(&t, &probe_in(&cg.path, &t), &[false, true]);
 }
 
@@ -184,7 +175,6 @@ fn enforcement_survives_kill_9_and_a_new_attach_takes_over() {
     let cg = TestCgroup::new("kill9");
     let port = loopback_port("127.0.0.1");
     let t = [format!("tcp:127.0.0.1:{port}")];
-    let t: Vec<&str> = t.iter().map(String::as_str).collect();
     let deny = policy("kill9-deny", "enforce", "    default: deny\n");
     let mut c = Controller::attach(cg.arg(), &deny, &[]);
     c.kill9();
@@ -206,7 +196,6 @@ fn detach_removes_enforcement() {
     let cg = TestCgroup::new("detach");
     let port = loopback_port("127.0.0.1");
     let t = [format!("tcp:127.0.0.1:{port}")];
-    let t: Vec<&str> = t.iter().map(String::as_str).collect();
     let p = policy("detach", "enforce", "    default: deny\n");
     let c = Controller::attach(cg.arg(), &p, &[]);
     drop(c);
@@ -226,7 +215,6 @@ fn events_carry_ecs_fields() {
     let p = policy("events", "enforce", "    default: deny\n");
     let c = Controller::attach(cg.arg(), &p, &[]);
     let t = [format!("tcp:127.0.0.1:{port}"), format!("sendto:127.0.0.1:{port}")];
-    let t: Vec<&str> = t.iter().map(String::as_str).collect();
     probe_in(&cg.path, &t);
     let ev = c.wait_event("for the denied connect", |e| e["event"]["action"] == "network-connect");
     for (field, value) in [
@@ -257,7 +245,6 @@ fn metrics_count_decisions() {
     let p = policy("metrics", "enforce", &allow_one_port(port));
     let _c = Controller::attach(cg.arg(), &p, &["--metrics-addr", &addr]);
     let t = [format!("tcp:127.0.0.1:{port}"), format!("tcp:127.0.0.1:{}", port.wrapping_add(1).max(1))];
-    let t: Vec<&str> = t.iter().map(String::as_str).collect();
     probe_in(&cg.path, &t);
     let out = std::process::Command::new("curl").args(["-sf", &format!("http://{addr}/metrics")]).output().expect("curl");
     let body = String::from_utf8_lossy(&out.stdout);
@@ -272,10 +259,6 @@ fn metrics_count_decisions() {
     assert!(value(r#"enforcer_decisions_total{hook="connect4",policy="metrics",verdict="deny"}"#) >= 1.0);
     assert!(body.contains("enforcer_policy_info{"), "{body}");
     assert!(body.contains("enforcer_events_lost_total"), "{body}");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port()
 }
 
 #[test]
@@ -313,7 +296,6 @@ fn a_bad_policy_is_refused_and_the_previous_one_stays() {
     let cg = TestCgroup::new("badpolicy");
     let port = loopback_port("127.0.0.1");
     let t = [format!("tcp:127.0.0.1:{port}")];
-    let t: Vec<&str> = t.iter().map(String::as_str).collect();
     let good = policy("good", "enforce", "    default: deny\n");
     drop(Controller::attach(cg.arg(), &good, &[]));
     let bad = policy("bad", "enforce", "    default: deny\n    allow:\n      - cidr: 127.0.0.1/33\n");
@@ -352,7 +334,6 @@ fn a_nested_attach_narrows_but_never_escapes_the_parent_policy() {
     );
     let c = Controller::attach(child_arg, &child_policy, &[]);
     let t = [format!("tcp:127.0.0.1:{a}"), format!("tcp:127.0.0.1:{b}")];
-    let t: Vec<&str> = t.iter().map(String::as_str).collect();
     assert_outcomes(&t, &probe_in(&child, &t), &[true, false]);
     drop(c);
     let out = enforcer(&["detach", "--cgroup", child_arg]);

@@ -4,10 +4,6 @@ use std::time::{Duration, Instant};
 
 use enforcer_tests::*;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port()
-}
-
 fn curl(url: &str) -> Option<String> {
     let out = std::process::Command::new("curl").args(["-sf", "--max-time", "2", url]).output().ok()?;
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
@@ -89,7 +85,6 @@ fn a_real_prometheus_scrapes_the_decision_counters() {
     let p = policy("prom", "enforce", "    default: deny\n");
     let _c = Controller::attach(cg.arg(), &p, &["--metrics-addr", &addr]);
     let t = [format!("tcp:127.0.0.1:{port}")];
-    let t: Vec<&str> = t.iter().map(String::as_str).collect();
     for _ in 0..3 {
         probe_in(&cg.path, &t);
     }
@@ -105,7 +100,6 @@ fn sighup_reloads_the_policy_and_a_bad_one_is_refused() {
     let cg = TestCgroup::new("reload");
     let port = loopback_port("127.0.0.1");
     let t = [format!("tcp:127.0.0.1:{port}")];
-    let t: Vec<&str> = t.iter().map(String::as_str).collect();
     let addr = format!("127.0.0.1:{}", free_port());
     let p = policy("reload", "enforce", "    default: deny\n");
     let c = Controller::attach(cg.arg(), &p, &["--metrics-addr", &addr]);
@@ -223,7 +217,6 @@ fn events_reach_a_real_rsyslog_over_udp_and_a_unix_socket() {
     let p = policy("syslog", "enforce", "    default: deny\n");
     let c = Controller::attach(cg.arg(), &p, &["--syslog", &udp, "--syslog", &unix]);
     let t = [format!("tcp:127.0.0.1:{port}")];
-    let t: Vec<&str> = t.iter().map(String::as_str).collect();
     assert_eq!(probe_in(&cg.path, &t), vec!["EPERM"]);
     let needle = format!("\"port\":{port}");
     for file in ["udp.log", "unix.log"] {
