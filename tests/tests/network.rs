@@ -397,3 +397,35 @@ fn events_name_the_executable_parent_and_user() {
     assert_eq!(ev["process"]["parent"]["pid"], std::process::id(), "{ev}");
     assert_eq!(ev["user"]["name"], "root");
 }
+
+/// A policy of `n` distinct /32 allow rules in 10.0.0.0/8 (never the test's target).
+fn many_rules(name: &str, n: u32) -> TempFile {
+    let mut yaml = format!("apiVersion: enforcer/v1\nkind: AgentPolicy\nmetadata:\n  name: {name}\nspec:\n  network:\n    default: deny\n    allow:\n");
+    for i in 0..n {
+        yaml.push_str(&format!("      - ip: 10.{}.{}.{}\n", i >> 16, (i >> 8) & 0xff, i & 0xff));
+    }
+    TempFile::with("big.yaml", &yaml)
+}
+
+#[test]
+fn a_full_table_refuses_the_new_policy_and_keeps_the_old_one() {
+    // Two 60,000-rule policies fill most of the 131,072-prefix IPv4 trie; a third
+    // cannot fit and must be refused whole.
+    let (a, b, c) = (TestCgroup::new("full-a"), TestCgroup::new("full-b"), TestCgroup::new("full-c"));
+    let port = loopback_port("127.0.0.1");
+    let target = [format!("tcp:127.0.0.1:{port}")];
+    let small = policy("full-c-small", "enforce", &allow_one_port(port));
+    drop(Controller::attach(c.arg(), &small, &[]));
+    assert_eq!(probe_in(&c.path, &target), vec!["ok"]);
+    let big = many_rules("full-big", 60_000);
+    drop(Controller::attach(a.arg(), &big, &[]));
+    drop(Controller::attach(b.arg(), &big, &[]));
+    let out = enforcer(&["attach", "--cgroup", c.arg(), "--policy", big.arg(), "--events", "/dev/null"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a policy that does not fit must be refused");
+    assert!(stderr.contains("tables are full") && stderr.contains("previous policy stays in force"), "{stderr}");
+    assert_eq!(probe_in(&c.path, &target), vec!["ok"], "the previous policy is still in force");
+    let status: serde_json::Value = serde_json::from_slice(&enforcer(&["status", "--json"]).stdout).unwrap();
+    let mine = status["attached"].as_array().unwrap().iter().find(|s| s["cgroup_id"] == c.id()).cloned().unwrap();
+    assert_eq!(mine["policy"], "full-c-small", "{mine}");
+}
