@@ -1,8 +1,10 @@
-//! The tamper-evident audit trail: every record a file sink writes carries
-//! `chain.seq`, `chain.prev` (the SHA-256 of the previous record) and `chain.hash` (its
-//! own: SHA-256 of `prev` and the record's canonical JSON without `chain.hash`).
-//! `verify` walks one or more files (rotated segments oldest first) and names the first
-//! edited, deleted, inserted or reordered record by file and line.
+//! The tamper-evident audit trail: every line a file sink writes starts with
+//! `{"chain":{"hash":H,"prev":P,"seq":N},` followed by the event's fields. `P` is the
+//! hash of the previous line; `H` is SHA-256 over `P`, a newline, and the exact bytes of
+//! the line with its `"hash":H,` field removed. Hashing bytes, not a re-serialization,
+//! makes the check independent of how the event was serialized. `verify` walks one or
+//! more files (rotated segments oldest first) and names the first edited, deleted,
+//! inserted or reordered record by file and line.
 //!
 //! A restarted controller continues the chain from the file's last record; rotation
 //! renames `FILE` to `FILE.1` (older ones to `.2`, ...) and the new file's first record
@@ -13,34 +15,63 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 
 /// `chain.prev` of the very first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
+/// How every chained line begins; the 64 hex digits of its hash follow.
+const HASH_PREFIX: &[u8] = br#"{"chain":{"hash":""#;
+/// The line without its hash field begins with this.
+const UNHASHED_PREFIX: &[u8] = br#"{"chain":{"#;
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The hash of a record: over `prev` and the record's canonical JSON (keys sorted, as
-/// serde_json's map keeps them) with `chain.hash` removed.
-fn record_hash(record: &Value) -> String {
-    let mut unhashed = record.clone();
-    if let Some(chain) = unhashed.get_mut("chain").and_then(Value::as_object_mut) {
-        chain.remove("hash");
-    }
-    hash_unhashed(&unhashed)
-}
-
-/// `record_hash` of a record that has no `chain.hash` yet.
-fn hash_unhashed(record: &Value) -> String {
-    let prev = record.pointer("/chain/prev").and_then(Value::as_str).unwrap_or_default();
+/// SHA-256 over `prev`, a newline and the line without its hash field.
+fn line_hash(prev: &str, unhashed: &[u8]) -> String {
     let mut h = Sha256::new();
     h.update(prev.as_bytes());
     h.update(b"\n");
-    h.update(serde_json::to_vec(record).expect("serializable"));
+    h.update(unhashed);
     hex(&h.finalize())
+}
+
+/// Splits a chained line into its stored hash and the line without the hash field.
+fn split_hash(line: &[u8]) -> Option<(&str, Vec<u8>)> {
+    let rest = line.strip_prefix(HASH_PREFIX)?;
+    let (hash, rest) = (rest.get(..64)?, rest.get(64..)?);
+    let rest = rest.strip_prefix(b"\",")?;
+    let hash = std::str::from_utf8(hash).ok().filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))?;
+    let mut unhashed = Vec::with_capacity(line.len());
+    unhashed.extend_from_slice(UNHASHED_PREFIX);
+    unhashed.extend_from_slice(rest);
+    Some((hash, unhashed))
+}
+
+/// The chain fields of a line that verifies against its own hash.
+struct Link {
+    hash: String,
+    prev: String,
+    seq: u64,
+}
+
+/// Checks a line's own hash. Err says what is wrong with it.
+fn check_line(line: &str) -> Result<Link, String> {
+    let record: Value = serde_json::from_str(line).map_err(|e| format!("not a JSON record ({e}): inserted or damaged"))?;
+    let (Some(prev), Some(seq)) = (
+        record.pointer("/chain/prev").and_then(Value::as_str),
+        record.pointer("/chain/seq").and_then(Value::as_u64),
+    ) else {
+        return Err("record has no chain fields: inserted".into());
+    };
+    let (hash, unhashed) = split_hash(line.as_bytes()).ok_or("record has no chain hash in front: inserted")?;
+    if line_hash(prev, &unhashed) != hash {
+        return Err("record edited: its contents do not match its hash".into());
+    }
+    Ok(Link { hash: hash.to_string(), prev: prev.to_string(), seq })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,14 +112,8 @@ fn chain_tail(path: &Path) -> Result<Option<(String, u64)>, AuditError> {
         }
     }
     let Some(line) = last else { return Ok(None) };
-    let unchainable = |reason: &str| AuditError::Unchainable { path: path.into(), reason: reason.into() };
-    let record: Value = serde_json::from_str(&line).map_err(|e| unchainable(&e.to_string()))?;
-    let hash = record.pointer("/chain/hash").and_then(Value::as_str).ok_or_else(|| unchainable("no chain.hash"))?;
-    let seq = record.pointer("/chain/seq").and_then(Value::as_u64).ok_or_else(|| unchainable("no chain.seq"))?;
-    if record_hash(&record) != hash {
-        return Err(unchainable("its hash does not match its contents"));
-    }
-    Ok(Some((hash.to_string(), seq)))
+    let link = check_line(&line).map_err(|reason| AuditError::Unchainable { path: path.into(), reason })?;
+    Ok(Some((link.hash, link.seq)))
 }
 
 impl ChainWriter {
@@ -115,24 +140,26 @@ impl ChainWriter {
     }
 
     /// Appends one record (buffered: call `flush` when no more are waiting).
-    pub fn append(&mut self, mut record: Value) -> Result<(), AuditError> {
-        record["chain"] = json!({ "seq": self.seq, "prev": self.prev });
-        // Serialize once: the hashed text is the record without chain.hash, and the
-        // written line is that text with the hash spliced in as chain's first key
-        // (keys serialize sorted). A raw `"chain":{` can only be the top-level key:
-        // quotes inside strings are escaped, and no nested object has a "chain" key.
-        let unhashed = serde_json::to_vec(&record).expect("serializable");
-        let mut h = Sha256::new();
-        h.update(self.prev.as_bytes());
-        h.update(b"\n");
-        h.update(&unhashed);
-        let hash = hex(&h.finalize());
-        const KEY: &[u8] = b"\"chain\":{";
-        let at = unhashed.windows(KEY.len()).position(|w| w == KEY).expect("chain was inserted") + KEY.len();
+    pub fn append(&mut self, record: &Value) -> Result<(), AuditError> {
+        self.append_json(&serde_json::to_vec(record).expect("serializable"))
+    }
+
+    /// Appends an event already serialized as a JSON object (with no "chain" key).
+    pub fn append_json(&mut self, event: &[u8]) -> Result<(), AuditError> {
+        let fields = event.strip_prefix(b"{").unwrap_or(b"}");
+        let chain = format!(r#"{{"chain":{{"prev":"{}","seq":{}}}"#, self.prev, self.seq);
+        let mut unhashed = Vec::with_capacity(chain.len() + event.len() + 1);
+        unhashed.extend_from_slice(chain.as_bytes());
+        if fields != b"}" {
+            unhashed.push(b',');
+        }
+        unhashed.extend_from_slice(fields);
+        let hash = line_hash(&self.prev, &unhashed);
         let mut line = Vec::with_capacity(unhashed.len() + 80);
-        line.extend_from_slice(&unhashed[..at]);
-        line.extend_from_slice(format!("\"hash\":\"{hash}\",").as_bytes());
-        line.extend_from_slice(&unhashed[at..]);
+        line.extend_from_slice(HASH_PREFIX);
+        line.extend_from_slice(hash.as_bytes());
+        line.extend_from_slice(b"\",");
+        line.extend_from_slice(&unhashed[UNHASHED_PREFIX.len()..]);
         line.push(b'\n');
         if self.max_bytes.is_some_and(|max| self.size > 0 && self.size + line.len() as u64 > max) {
             self.rotate()?;
@@ -213,18 +240,8 @@ pub fn verify(files: &[PathBuf]) -> Result<Verified, Tampering> {
             if line.trim().is_empty() {
                 continue;
             }
-            let record: Value =
-                serde_json::from_str(line).map_err(|e| fail(n, format!("not a JSON record ({e}): inserted or damaged")))?;
-            let (Some(hash), Some(prev), Some(seq)) = (
-                record.pointer("/chain/hash").and_then(Value::as_str),
-                record.pointer("/chain/prev").and_then(Value::as_str),
-                record.pointer("/chain/seq").and_then(Value::as_u64),
-            ) else {
-                return Err(fail(n, "record has no chain fields: inserted".into()));
-            };
-            if record_hash(&record) != hash {
-                return Err(fail(n, "record edited: its contents do not match its hash".into()));
-            }
+            let Link { hash, prev, seq } = check_line(line).map_err(|problem| fail(n, problem))?;
+            let (hash, prev) = (hash.as_str(), prev.as_str());
             match &previous {
                 None if prev != GENESIS => starts_mid_chain = true,
                 None => {}
@@ -254,6 +271,7 @@ pub fn verify(files: &[PathBuf]) -> Result<Verified, Tampering> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     struct Dir(PathBuf);
     impl Dir {
@@ -273,7 +291,7 @@ mod tests {
     fn write(path: &Path, n: u64) {
         let mut w = ChainWriter::open(path, None, 3).unwrap();
         for i in 0..n {
-            w.append(json!({ "event": { "action": "network-connect" }, "i": i })).unwrap();
+            w.append(&json!({ "event": { "action": "network-connect" }, "i": i })).unwrap();
         }
     }
 
@@ -327,10 +345,13 @@ mod tests {
 
         // An inserted record with a correct hash of its own still breaks the next link.
         let mut inserted = original.clone();
-        let mut forged: Value = serde_json::from_str(&original[1]).unwrap();
-        forged["i"] = json!(99);
-        forged["chain"]["hash"] = json!(record_hash(&forged));
-        inserted.insert(2, serde_json::to_string(&forged).unwrap());
+        // A copy of record 1 with other contents and its own hash recomputed.
+        let (_, unhashed) = split_hash(original[1].as_bytes()).unwrap();
+        let unhashed = String::from_utf8(unhashed).unwrap().replace("\"i\":1", "\"i\":99");
+        let prev = serde_json::from_str::<Value>(&original[1]).unwrap()["chain"]["prev"].as_str().unwrap().to_string();
+        let forged = format!("{{\"chain\":{{\"hash\":\"{}\",{}", line_hash(&prev, unhashed.as_bytes()), &unhashed[UNHASHED_PREFIX.len()..]);
+        assert!(check_line(&forged).is_ok(), "the forged record is self-consistent");
+        inserted.insert(2, forged);
         set_lines(&f, &inserted);
         let p = problem(&f);
         assert!(p.ends_with(":3: record inserted or reordered (seq 1 follows 1)"), "{p}");
@@ -338,7 +359,7 @@ mod tests {
         let mut plain = original.clone();
         plain.insert(1, r#"{"event":{"action":"network-connect"}}"#.into());
         set_lines(&f, &plain);
-        assert!(problem(&f).ends_with(":2: record has no chain fields: inserted"));
+        assert!(problem(&f).ends_with(":2: record has no chain fields: inserted"), "{}", problem(&f));
     }
 
     #[test]
@@ -347,7 +368,7 @@ mod tests {
         let f = d.0.join("events.jsonl");
         let mut w = ChainWriter::open(&f, Some(400), 3).unwrap();
         for i in 0..12 {
-            w.append(json!({ "i": i, "pad": "x".repeat(60) })).unwrap();
+            w.append(&json!({ "i": i, "pad": "x".repeat(60) })).unwrap();
         }
         drop(w);
         let files = vec![rotated(&f, 3), rotated(&f, 2), rotated(&f, 1), f.clone()];
@@ -365,7 +386,7 @@ mod tests {
     fn never_rotates_or_resumes_a_device() {
         let mut w = ChainWriter::open(Path::new("/dev/null"), Some(10), 3).unwrap();
         for i in 0..5 {
-            w.append(json!({ "i": i, "pad": "x".repeat(40) })).unwrap();
+            w.append(&json!({ "i": i, "pad": "x".repeat(40) })).unwrap();
         }
         assert!(Path::new("/dev/null").exists() && !rotated(Path::new("/dev/null"), 1).exists());
     }
@@ -379,6 +400,6 @@ mod tests {
         l[1] = l[1].replace("network-connect", "x");
         set_lines(&f, &l);
         let err = ChainWriter::open(&f, None, 3).err().expect("must refuse");
-        assert!(err.to_string().contains("hash does not match"), "{err}");
+        assert!(err.to_string().contains("do not match its hash"), "{err}");
     }
 }

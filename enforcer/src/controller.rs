@@ -21,7 +21,7 @@ use crate::{
     grants::{self, Grant},
     policy::Policy,
     events::{self, Enricher},
-    sinks::FanOut,
+    sinks::{FanOut, Outgoing},
     loader::{self, ProgramSet, StateLock, Tables},
 };
 use enforcer_common::{hook, verdict};
@@ -218,13 +218,13 @@ fn drain(ring: &mut RingBuf<MapData>, enricher: &mut Enricher, detector: &mut De
         let default_alerts = crate::policy::Alerts::default();
         let alerts = slot.spec.as_ref().map_or(&default_alerts, |p| &p.alerts);
         for alert in detector.observe(&doc, alerts, std::time::Instant::now()) {
-            sinks.publish(alert);
+            sinks.publish(Outgoing::new(&alert));
         }
         // Allowed decisions reach the kernel's ring for new-destination alerts too;
         // only log_allowed puts them in the sinks.
         let log_allowed = slot.spec.as_ref().is_none_or(|p| p.log_allowed);
         if ev.verdict != enforcer_common::verdict::ALLOW || log_allowed {
-            sinks.publish(doc);
+            sinks.publish(Outgoing::new(&doc));
         }
     }
 }

@@ -252,20 +252,20 @@ impl Sink {
     }
 
     /// Writes one event; files buffer until `flush`.
-    pub fn write_event(&mut self, doc: Value) -> io::Result<()> {
+    pub fn write_event(&mut self, event: &crate::sinks::Outgoing) -> io::Result<()> {
         match self {
-            Self::Stdout | Self::Stderr => {
-                let mut line = serde_json::to_vec(&doc).expect("serializable");
-                line.push(b'\n');
-                if matches!(self, Self::Stdout) {
-                    let mut out = io::stdout().lock();
-                    out.write_all(&line)?;
-                    out.flush()
-                } else {
-                    io::stderr().lock().write_all(&line)
-                }
+            Self::Stdout => {
+                let mut out = io::stdout().lock();
+                out.write_all(&event.json)?;
+                out.write_all(b"\n")?;
+                out.flush()
             }
-            Self::File(chain) => chain.append(doc).map_err(io::Error::other),
+            Self::Stderr => {
+                let mut err = io::stderr().lock();
+                err.write_all(&event.json)?;
+                err.write_all(b"\n")
+            }
+            Self::File(chain) => chain.append_json(&event.json).map_err(io::Error::other),
         }
     }
 

@@ -372,7 +372,7 @@ fn kill_switch(name: &str, isolate: bool, freeze: bool, events: &str) -> anyhow:
     let mut sink = Sink::open(events, Rotation { max_bytes: u64::MAX, keep: 1 })
         .with_context(|| format!("opening events sink {events}"))?;
     let record = controller::kill_switch(&mount, &path, isolate, freeze)?;
-    sink.write_event(record).context("recording the action")?;
+    sink.write_event(&sinks::Outgoing::new(&record)).context("recording the action")?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -404,7 +404,7 @@ fn change_grants(
         Ok(())
     })?;
     let grant = list.iter().find(|g| g.id == changed);
-    sink.write_event(serde_json::json!({
+    sink.write_event(&sinks::Outgoing::new(&serde_json::json!({
         "@timestamp": enforcer::events::rfc3339_nanos(
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0)
         ),
@@ -412,7 +412,7 @@ fn change_grants(
         "enforcer": { "grant": { "id": changed, "detail": grant } },
         "cgroup": { "path": cgroup::display_path(&mount, &path) },
         "user": { "id": unsafe { libc::getuid() }.to_string() },
-    }))
+    })))
     .context("recording the change")?;
     Ok(ExitCode::SUCCESS)
 }

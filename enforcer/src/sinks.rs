@@ -19,6 +19,28 @@ use serde_json::Value;
 
 use crate::events::Sink;
 
+/// One event for the sinks: serialized once on the reader thread and shared, with the
+/// few fields a syslog header needs.
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    pub json: Arc<Vec<u8>>,
+    pub timestamp: Arc<str>,
+    pub action: Arc<str>,
+    pub denied: bool,
+}
+
+impl Outgoing {
+    pub fn new(event: &Value) -> Self {
+        let text = |ptr: &str| -> Arc<str> { event.pointer(ptr).and_then(Value::as_str).unwrap_or("-").into() };
+        Self {
+            json: Arc::new(serde_json::to_vec(event).expect("serializable")),
+            timestamp: text("/@timestamp"),
+            action: text("/event/action"),
+            denied: event.pointer("/event/type/0").and_then(Value::as_str) == Some("denied"),
+        }
+    }
+}
+
 /// Events a sink may have queued before new ones are dropped (and counted).
 pub const QUEUE_DEPTH: usize = 65_536;
 
@@ -63,20 +85,17 @@ impl std::str::FromStr for SyslogTarget {
 
 /// RFC 5424: facility 13 (log audit); denials at severity warning, the rest notice.
 /// The JSON event is the message.
-pub fn rfc5424(event: &Value, host: &str) -> String {
-    let denied = event.pointer("/event/type/0").and_then(Value::as_str) == Some("denied");
-    let pri = 13 * 8 + if denied { 4 } else { 5 };
+pub fn rfc5424(event: &Outgoing, host: &str) -> Vec<u8> {
+    let pri = 13 * 8 + if event.denied { 4 } else { 5 };
     // RFC 5424 allows at most 6 fractional digits; ours has 9.
-    let timestamp = match event.get("@timestamp").and_then(Value::as_str) {
-        Some(t) => match t.split_once('.') {
-            Some((secs, frac)) if frac.len() > 7 => format!("{secs}.{}Z", &frac[..6]),
-            _ => t.to_string(),
-        },
-        None => "-".to_string(),
+    let timestamp = match event.timestamp.split_once('.') {
+        Some((secs, frac)) if frac.len() > 7 => format!("{secs}.{}Z", &frac[..6]),
+        _ => event.timestamp.to_string(),
     };
-    let msgid = event.pointer("/event/action").and_then(Value::as_str).unwrap_or("-");
     let host = if host.is_empty() { "-" } else { host };
-    format!("<{pri}>1 {timestamp} {host} enforcer {} {msgid} - {event}", std::process::id())
+    let mut line = format!("<{pri}>1 {timestamp} {host} enforcer {} {} - ", std::process::id(), event.action).into_bytes();
+    line.extend_from_slice(&event.json);
+    line
 }
 
 enum Transport {
@@ -95,17 +114,17 @@ impl Transport {
         })
     }
 
-    fn send(&self, line: &str) -> io::Result<()> {
+    fn send(&self, line: &[u8]) -> io::Result<()> {
         match self {
-            Self::Udp(sock, addr) => sock.send_to(line.as_bytes(), addr).map(|_| ()),
-            Self::Unix(sock, path) => sock.send_to(line.as_bytes(), path).map(|_| ()),
+            Self::Udp(sock, addr) => sock.send_to(line, addr).map(|_| ()),
+            Self::Unix(sock, path) => sock.send_to(line, path).map(|_| ()),
         }
     }
 }
 
 /// The running sinks.
 pub struct FanOut {
-    queues: Vec<(SyncSender<Value>, Arc<AtomicU64>)>,
+    queues: Vec<(SyncSender<Outgoing>, Arc<AtomicU64>)>,
     threads: Vec<thread::JoinHandle<()>>,
 }
 
@@ -119,13 +138,13 @@ impl FanOut {
     fn spawn(
         &mut self,
         name: String,
-        mut write: impl FnMut(Value) -> io::Result<()> + Send + 'static,
+        mut write: impl FnMut(Outgoing) -> io::Result<()> + Send + 'static,
         mut flush: impl FnMut() -> io::Result<()> + Send + 'static,
     ) {
         let written = Arc::new(AtomicU64::new(0));
         let dropped = Arc::new(AtomicU64::new(0));
         counters().lock().expect("counters lock").insert(name.clone(), (written.clone(), dropped.clone()));
-        let (tx, rx) = mpsc::sync_channel::<Value>(QUEUE_DEPTH);
+        let (tx, rx) = mpsc::sync_channel::<Outgoing>(QUEUE_DEPTH);
         let dropped_on_error = dropped.clone();
         let thread = thread::Builder::new()
             .name(format!("sink-{name}"))
@@ -152,7 +171,7 @@ impl FanOut {
         let flushing = sink.clone();
         self.spawn(
             name.to_string(),
-            move |event| sink.lock().expect("sink lock").write_event(event),
+            move |event| sink.lock().expect("sink lock").write_event(&event),
             move || flushing.lock().expect("sink lock").flush(),
         );
     }
@@ -168,7 +187,7 @@ impl FanOut {
     }
 
     /// Queues an event for every sink; never blocks.
-    pub fn publish(&self, event: Value) {
+    pub fn publish(&self, event: Outgoing) {
         let Some(((last_tx, last_dropped), rest)) = self.queues.split_last() else { return };
         for (tx, dropped) in rest {
             if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(event.clone()) {
@@ -203,11 +222,11 @@ mod tests {
     #[test]
     fn formats_rfc5424_with_audit_facility_and_severity_by_verdict() {
         let denied = json!({"@timestamp": "2026-11-23T06:00:00.000000001Z", "event": {"action": "network-connect", "type": ["denied"]}});
-        let line = rfc5424(&denied, "vm");
+        let line = String::from_utf8(rfc5424(&Outgoing::new(&denied), "vm")).unwrap();
         assert!(line.starts_with("<108>1 2026-11-23T06:00:00.000000Z vm enforcer "), "{line}");
         assert!(line.contains(" network-connect - {"), "{line}");
         let allowed = json!({"event": {"action": "network-sendmsg", "type": ["allowed"]}});
-        assert!(rfc5424(&allowed, "").starts_with("<109>1 - - enforcer "));
+        assert!(String::from_utf8(rfc5424(&Outgoing::new(&allowed), "")).unwrap().starts_with("<109>1 - - enforcer "));
     }
 
     #[test]
@@ -245,7 +264,7 @@ mod tests {
         );
         let total = QUEUE_DEPTH as u64 + 1_000;
         for i in 0..total {
-            fan.publish(json!({ "i": i }));
+            fan.publish(Outgoing::new(&json!({ "i": i })));
         }
         let _ = release_tx.send(());
         fan.finish();

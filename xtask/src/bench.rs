@@ -99,9 +99,16 @@ fn events_bench(mount: &Path) -> anyhow::Result<()> {
             let dropped = scrape(&metrics, "enforcer_events_dropped_total{");
             let lost = scrape(&metrics, "enforcer_events_lost_total{where=\"kernel\"}");
             let lines = fs::read_to_string(&events).map(|t| t.lines().count()).unwrap_or(0);
+            let verify = Command::new(super::enforcer_bin()).args(["audit", "verify"]).arg(&events).output()?;
+            let chain = if verify.status.success() {
+                String::from_utf8_lossy(&verify.stdout).trim().to_string()
+            } else {
+                format!("CHAIN BROKEN: {}", String::from_utf8_lossy(&verify.stderr).trim())
+            };
             Ok(format!(
                 "\nevents: generated {generated} denied sendto() in {EVENT_SECS}s ({:.0}/s); written {written:.0} \
-                 (file lines {lines}); lost in the kernel ring buffer {lost:.0}; dropped by the sink {dropped:.0}: {}",
+                 (file lines {lines}); lost in the kernel ring buffer {lost:.0}; dropped by the sink {dropped:.0}: {}\n\
+                 enforcer audit verify on that file: {chain}",
                 generated as f64 / EVENT_SECS as f64,
                 if written as u64 == generated && lost == 0.0 && dropped == 0.0 && lines as u64 == generated {
                     "no loss"
