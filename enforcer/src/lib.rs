@@ -6,6 +6,7 @@ pub mod audit;
 pub mod cgroup;
 pub mod compile;
 pub mod controller;
+pub mod doctor;
 pub mod events;
 pub mod grants;
 pub mod loader;

@@ -479,8 +479,44 @@ impl Tables {
     }
 }
 
+/// Program types `doctor` checks by loading a minimal program of each.
+#[derive(Clone, Copy, Debug)]
+pub enum ProbeKind {
+    /// cgroup/connect4 and friends: the network hooks.
+    CgroupSockAddr,
+    /// cgroup/sock_create.
+    CgroupSock,
+    /// lsm/file_open: what file rules need.
+    Lsm,
+}
+
+/// Loads (and at once unloads) a two-instruction program of `kind`: Ok when this kernel
+/// accepts it, the kernel's error otherwise.
+pub fn probe_program_type(kind: ProbeKind) -> Result<(), String> {
+    // (prog_type, expected_attach_type, return value) from uapi bpf.h.
+    let (prog_type, attach_type, ret, btf_id) = match kind {
+        ProbeKind::CgroupSockAddr => (18, 10, 1, 0),
+        ProbeKind::CgroupSock => (9, 2, 1, 0),
+        ProbeKind::Lsm => {
+            let btf = aya::Btf::from_sys_fs().map_err(|e| format!("no kernel BTF: {e}"))?;
+            let id = btf
+                .id_by_type_name_kind("bpf_lsm_file_open", aya_obj::btf::BtfKind::Func)
+                .map_err(|e| format!("no bpf_lsm_file_open in the kernel BTF: {e}"))?;
+            (29, 27, 0, id) // BPF_PROG_TYPE_LSM, BPF_LSM_MAC
+        }
+    };
+    raw_bpf::prog_load_trivial(prog_type, attach_type, ret, btf_id).map_err(|e| {
+        let hint = if e.raw_os_error() == Some(libc::EPERM) && matches!(kind, ProbeKind::Lsm) {
+            " (this kernel refuses trampoline programs, or bpf is not in its lsm= list)"
+        } else {
+            ""
+        };
+        format!("{e}{hint}")
+    })
+}
+
 /// The two bpf(2) commands aya 0.14 does not offer for cgroup links: creating a link
-/// we can pin, and pinning it.
+/// we can pin, and pinning it; and a minimal program load for `probe_program_type`.
 mod raw_bpf {
     use std::{ffi::CString, io, os::fd::{FromRawFd as _, OwnedFd, RawFd}, os::unix::ffi::OsStrExt as _, path::Path};
 
@@ -503,6 +539,27 @@ mod raw_bpf {
         attr[8..12].copy_from_slice(&attach_type.to_ne_bytes());
         let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
         Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    }
+
+    /// BPF_PROG_LOAD of `r0 = ret; exit`; the fd is closed at once.
+    pub fn prog_load_trivial(prog_type: u32, attach_type: u32, ret: i32, attach_btf_id: u32) -> io::Result<()> {
+        const BPF_PROG_LOAD: libc::c_long = 5;
+        let r = ret.to_le_bytes();
+        let insns: [u64; 2] = [
+            u64::from_le_bytes([0xb7, 0, 0, 0, r[0], r[1], r[2], r[3]]), // mov64 r0, ret
+            u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),             // exit
+        ];
+        let license = c"GPL";
+        let mut attr = [0u8; ATTR_SIZE];
+        attr[0..4].copy_from_slice(&prog_type.to_ne_bytes());
+        attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
+        attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+        attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+        attr[68..72].copy_from_slice(&attach_type.to_ne_bytes()); // expected_attach_type
+        attr[108..112].copy_from_slice(&attach_btf_id.to_ne_bytes()); // attach_btf_id
+        let fd = bpf(BPF_PROG_LOAD, &mut attr)?;
+        unsafe { libc::close(fd as RawFd) };
+        Ok(())
     }
 
     pub fn obj_pin(fd: RawFd, path: &Path) -> io::Result<()> {

@@ -121,6 +121,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Report what this machine offers enforcer, trying each program type for real.
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
     /// Policy tools.
     Policy {
         #[command(subcommand)]
@@ -320,6 +325,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 anyhow::bail!("{} is not confined by enforcer", cgroup::display_path(&mount, &path));
             }
             info!(cgroup = %cgroup::display_path(&mount, &path), links, "detached");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Doctor { json } => {
+            let report = enforcer::doctor::run();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", enforcer::doctor::render(&report));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { json } => {

@@ -1,0 +1,123 @@
+//! `enforcer doctor`: what this machine offers enforcer, found by trying rather than by
+//! guessing: kernel, cgroup v2, bpffs, BTF, the active LSMs, whether each program type
+//! actually loads, fanotify, and the backends `attach` would use.
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+use crate::{cgroup, loader};
+
+/// One line of the report.
+struct Check {
+    name: &'static str,
+    ok: bool,
+    detail: String,
+}
+
+fn check(name: &'static str, result: Result<String, String>) -> Check {
+    match result {
+        Ok(detail) => Check { name, ok: true, detail },
+        Err(detail) => Check { name, ok: false, detail },
+    }
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+fn is_bpffs(path: &str) -> bool {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let c = std::ffi::CString::new(path).expect("static path");
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
+
+fn fanotify_permission_events() -> Result<String, String> {
+    // FAN_CLASS_CONTENT is the class that may answer permission events.
+    const FAN_CLOEXEC: u32 = 0x1;
+    const FAN_CLASS_CONTENT: u32 = 0x4;
+    let fd = unsafe { libc::fanotify_init(FAN_CLASS_CONTENT | FAN_CLOEXEC, libc::O_RDONLY as u32) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    unsafe { libc::close(fd) };
+    Ok("fanotify_init(FAN_CLASS_CONTENT) works: permission events available".into())
+}
+
+/// Runs every check; `report.checks` in order, then what attach would use.
+pub fn run() -> Value {
+    let mut checks = vec![
+        Check { name: "kernel", ok: true, detail: kernel_release() },
+        check(
+            "cgroup v2",
+            cgroup::cgroup2_mount().map(|p| format!("mounted at {}", p.display())).map_err(|e| e.to_string()),
+        ),
+        check(
+            "bpffs",
+            if is_bpffs("/sys/fs/bpf") {
+                Ok("mounted at /sys/fs/bpf".into())
+            } else {
+                Err("not mounted at /sys/fs/bpf (attach mounts it)".into())
+            },
+        ),
+        check(
+            "BTF",
+            if Path::new("/sys/kernel/btf/vmlinux").exists() {
+                Ok("/sys/kernel/btf/vmlinux".into())
+            } else {
+                Err("no /sys/kernel/btf/vmlinux: BPF-LSM needs a kernel built with BTF".into())
+            },
+        ),
+        check(
+            "active LSMs",
+            match std::fs::read_to_string("/sys/kernel/security/lsm") {
+                Ok(list) if list.split(',').any(|l| l.trim() == "bpf") => Ok(list.trim().to_string()),
+                Ok(list) => Err(format!("{} (no bpf: add lsm=...,bpf to the kernel command line)", list.trim())),
+                Err(_) => Err("securityfs not mounted (mount -t securityfs securityfs /sys/kernel/security)".into()),
+            },
+        ),
+    ];
+    let sock_addr = loader::probe_program_type(loader::ProbeKind::CgroupSockAddr);
+    let sock = loader::probe_program_type(loader::ProbeKind::CgroupSock);
+    let lsm = loader::probe_program_type(loader::ProbeKind::Lsm);
+    let fanotify = fanotify_permission_events();
+    let network_ok = sock_addr.is_ok() && sock.is_ok() && checks[1].ok;
+    let loads = |r: &Result<(), String>| r.clone().map(|()| "loads".to_string());
+    checks.push(check("cgroup/connect4 program", loads(&sock_addr)));
+    checks.push(check("cgroup/sock_create program", loads(&sock)));
+    checks.push(check("lsm/file_open program", loads(&lsm)));
+    checks.push(check("fanotify", fanotify.clone()));
+
+    let file_backend = if lsm.is_ok() {
+        "bpf-lsm"
+    } else if fanotify.is_ok() {
+        "fanotify"
+    } else {
+        "none"
+    };
+    let network_backend = if network_ok { "cgroup socket hooks" } else { "none" };
+    json!({
+        "checks": checks.iter().map(|c| json!({ "name": c.name, "ok": c.ok, "detail": c.detail })).collect::<Vec<_>>(),
+        "attach": {
+            "network": network_backend,
+            "files": file_backend,
+            "files_note": "file rules are not implemented yet; this is the backend they would use",
+        },
+    })
+}
+
+/// The report as a table.
+pub fn render(report: &Value) -> String {
+    let mut out = String::new();
+    for c in report["checks"].as_array().into_iter().flatten() {
+        let mark = if c["ok"] == true { "ok  " } else { "NO  " };
+        out.push_str(&format!("{mark} {:<28} {}\n", c["name"].as_str().unwrap_or(""), c["detail"].as_str().unwrap_or("")));
+    }
+    out.push_str(&format!(
+        "\nattach would use: network: {}; files: {} ({})\n",
+        report["attach"]["network"].as_str().unwrap_or("?"),
+        report["attach"]["files"].as_str().unwrap_or("?"),
+        report["attach"]["files_note"].as_str().unwrap_or(""),
+    ));
+    out
+}
