@@ -162,9 +162,7 @@ pub fn kill_switch(mount: &Path, path: &Path, isolate: bool, freeze: bool) -> an
     let action = if isolate { "isolate" } else { "release" };
     info!(cgroup = %shown, action, frozen = ?frozen, "kill switch");
     Ok(json!({
-        "@timestamp": events::rfc3339_nanos(
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0)
-        ),
+        "@timestamp": events::rfc3339_nanos(events::unix_now_ns()),
         "event": { "kind": "event", "category": ["configuration"], "action": action, "type": ["change"], "outcome": "success" },
         "enforcer": { "isolated": isolate, "frozen": frozen },
         "cgroup": { "path": shown, "id": id },
@@ -214,7 +212,7 @@ fn drain(ring: &mut RingBuf<MapData>, enricher: &mut Enricher, detector: &mut De
     while let Some(item) = ring.next() {
         let Some(ev) = events::decode(&item) else { continue };
         let doc = enricher.to_ecs(&ev);
-        let slot = enricher.policy_of(ev.slot);
+        let slot = enricher.slot_info(ev.slot);
         let default_alerts = crate::policy::Alerts::default();
         let alerts = slot.spec.as_ref().map_or(&default_alerts, |p| &p.alerts);
         for alert in detector.observe(&doc, alerts, std::time::Instant::now()) {

@@ -102,7 +102,7 @@ impl Enricher {
 
     /// What is known of a slot; its `spec` (the policy without grants) holds the alert
     /// thresholds and log_allowed.
-    pub fn policy_of(&mut self, slot: u32) -> std::sync::Arc<loader::SlotInfo> {
+    pub fn slot_info(&mut self, slot: u32) -> std::sync::Arc<loader::SlotInfo> {
         self.slot(slot)
     }
 
@@ -201,8 +201,12 @@ fn boot_to_unix_offset_ns() -> i128 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
     let boot = ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128;
-    let unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0);
-    unix - boot
+    unix_now_ns() - boot
+}
+
+/// Nanoseconds since the epoch, now.
+pub fn unix_now_ns() -> i128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0)
 }
 
 /// `2026-11-23T06:10:00.123456789Z` from nanoseconds since the epoch.

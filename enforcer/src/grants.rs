@@ -45,20 +45,10 @@ pub fn parse_allow(spec: &str) -> Result<(IpNet, Vec<(u16, u16)>), String> {
     IpNet::parse(spec).map(|net| (net, Vec::new())).map_err(|e| format!("{e} (expected CIDR, IP or IP:PORT)"))
 }
 
-/// `90`, `90s`, `10m`, `2h`.
+/// `90`, `90s`, `10m`, `2h` (a bare number is seconds).
 pub fn parse_ttl(text: &str) -> Result<Duration, String> {
-    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => text.split_at(i),
-        None => (text, "s"),
-    };
-    let n: u64 = number.parse().map_err(|_| format!("invalid TTL {text:?}: expected e.g. 90s, 10m, 2h"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        _ => return Err(format!("invalid TTL unit in {text:?}: use s, m or h")),
-    };
-    let ttl = Duration::from_secs(secs);
+    let with_unit = if text.bytes().all(|b| b.is_ascii_digit()) { format!("{text}s") } else { text.to_string() };
+    let ttl = Duration::from_secs(crate::policy::parse_duration_secs(&with_unit, "TTL")?);
     if ttl.is_zero() || ttl > MAX_TTL {
         return Err(format!("TTL {text:?} must be between 1s and {}h", MAX_TTL.as_secs() / 3600));
     }

@@ -293,10 +293,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             change_grants(&name, &events, "grant", move |list| {
                 let id = list.iter().map(|g| g.id).max().unwrap_or(0) + 1;
                 let expires_at = grants::boot_now_ns() + ttl.as_nanos() as u64;
-                let unix_ns = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| (d + ttl).as_nanos() as i128)
-                    .unwrap_or(0);
+                let unix_ns = enforcer::events::unix_now_ns() + ttl.as_nanos() as i128;
                 list.push(grants::Grant {
                     id,
                     allow,
@@ -419,9 +416,7 @@ fn change_grants(
     })?;
     let grant = list.iter().find(|g| g.id == changed);
     sink.write_event(&sinks::Outgoing::new(&serde_json::json!({
-        "@timestamp": enforcer::events::rfc3339_nanos(
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0)
-        ),
+        "@timestamp": enforcer::events::rfc3339_nanos(enforcer::events::unix_now_ns()),
         "event": { "kind": "event", "category": ["configuration"], "action": action, "type": ["change"], "outcome": "success" },
         "enforcer": { "grant": { "id": changed, "detail": grant } },
         "cgroup": { "path": cgroup::display_path(&mount, &path) },

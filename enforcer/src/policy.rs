@@ -342,18 +342,26 @@ struct Window(u64);
 impl<'de> Deserialize<'de> for Window {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        let (n, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
-        let n: u64 = n.parse().map_err(|_| de::Error::custom(format!("invalid window \"{text}\": expected e.g. 10s, 5m")))?;
-        let secs = match unit {
-            "s" => n,
-            "m" => n * 60,
-            "h" => n * 3600,
-            _ => return Err(de::Error::custom(format!("invalid window \"{text}\": use s, m or h"))),
-        };
+        let secs = parse_duration_secs(&text, "window").map_err(de::Error::custom)?;
         if secs == 0 || secs > 24 * 3600 {
             return Err(de::Error::custom(format!("window \"{text}\" must be between 1s and 24h")));
         }
         Ok(Window(secs))
+    }
+}
+
+/// `90s`, `10m`, `2h` in seconds; `what` names the value in the error.
+pub fn parse_duration_secs(text: &str, what: &str) -> Result<u64, String> {
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => 0,
+    };
+    match number.parse::<u64>() {
+        Ok(n) if scale != 0 => n.checked_mul(scale).ok_or_else(|| format!("{what} \"{text}\" is too long")),
+        _ => Err(format!("invalid {what} \"{text}\": use s, m or h after a number (e.g. 90s, 10m, 2h)")),
     }
 }
 
