@@ -24,6 +24,23 @@ pub mod limits {
     /// 16 MiB holds ~190,000 events: two seconds of a 100,000/s burst while the reader
     /// is descheduled (4 MiB lost events in `cargo xtask bench` on a 2-core machine).
     pub const EVENTS_RING_BYTES: u32 = 1 << 24;
+    /// Inode entries over all policy slots (listed paths, plus hard-linked files found
+    /// under denied trees).
+    pub const MAX_FILE_ENTRIES: u32 = 65_536;
+    /// Listed paths that did not exist at compile time, over all slots.
+    pub const MAX_PENDING_PATHS: u32 = 4_096;
+    /// Bytes of a pending path component compared in the kernel (NUL padded). Longer
+    /// names are compared on their first bytes only: they are protected, never less.
+    pub const PENDING_NAME_LEN: usize = 48;
+    /// Missing components below the deepest existing ancestor of a pending path:
+    /// one in the key, the rest in the value.
+    pub const MAX_PENDING_DEPTH: usize = 4;
+    /// Ancestors (directories and mount crossings) walked from an opened file to the
+    /// root. A deeper file is denied (fail closed) and counted.
+    pub const MAX_PATH_DEPTH: u32 = 64;
+    /// Path components carried by a file event, deepest first, each NUL padded.
+    pub const EVENT_PATH_PARTS: usize = 16;
+    pub const EVENT_PART_LEN: usize = 32;
 }
 
 pub mod names {
@@ -43,6 +60,32 @@ pub mod names {
     pub const PROG_SENDMSG4: &str = "enf_sendmsg4";
     pub const PROG_SENDMSG6: &str = "enf_sendmsg6";
     pub const PROG_SOCK_CREATE: &str = "enf_sock_create";
+
+    pub const MAP_FILES: &str = "ENF_FILES";
+    pub const MAP_PENDING: &str = "ENF_PENDING";
+    /// The read-only global with the cgroup level of the attach point: LSM programs
+    /// run for every task and compare the caller's ancestor at that level.
+    pub const GLOBAL_CGROUP_LEVEL: &str = "ENF_CGROUP_LEVEL";
+    /// The read-only global with the running kernel's struct offsets.
+    pub const GLOBAL_OFFSETS: &str = "ENF_OFFSETS";
+
+    /// LSM programs: (program name, hook name).
+    pub const LSM_PROGRAMS: &[(&str, &str)] = &[
+        ("enf_file_open", "file_open"),
+        ("enf_bprm_check", "bprm_check_security"),
+        ("enf_mmap_file", "mmap_file"),
+        ("enf_path_mknod", "path_mknod"),
+        ("enf_path_mkdir", "path_mkdir"),
+        ("enf_path_rmdir", "path_rmdir"),
+        ("enf_path_unlink", "path_unlink"),
+        ("enf_path_symlink", "path_symlink"),
+        ("enf_path_link", "path_link"),
+        ("enf_path_rename", "path_rename"),
+        ("enf_path_truncate", "path_truncate"),
+        ("enf_path_chmod", "path_chmod"),
+        ("enf_path_chown", "path_chown"),
+        ("enf_d_instantiate", "d_instantiate"),
+    ];
 }
 
 /// The hook that produced a decision. Index into the decision counters.
@@ -52,7 +95,12 @@ pub mod hook {
     pub const SENDMSG4: u8 = 2;
     pub const SENDMSG6: u8 = 3;
     pub const SOCK_CREATE: u8 = 4;
-    pub const COUNT: u8 = 5;
+    pub const FILE_OPEN: u8 = 5;
+    pub const FILE_EXEC: u8 = 6;
+    pub const FILE_MMAP: u8 = 7;
+    /// create, unlink, rename, link, symlink, mkdir, rmdir, truncate, chmod, chown.
+    pub const FILE_CHANGE: u8 = 8;
+    pub const COUNT: u8 = 9;
 
     pub const fn name(hook: u8) -> &'static str {
         match hook {
@@ -61,6 +109,10 @@ pub mod hook {
             SENDMSG4 => "sendmsg4",
             SENDMSG6 => "sendmsg6",
             SOCK_CREATE => "sock_create",
+            FILE_OPEN => "file_open",
+            FILE_EXEC => "bprm_check",
+            FILE_MMAP => "mmap_file",
+            FILE_CHANGE => "path_change",
             _ => "unknown",
         }
     }
@@ -85,7 +137,7 @@ pub mod verdict {
 }
 
 /// Decision counters: `ENF_DECISIONS[slot * DECISION_STRIDE + hook * verdict::COUNT + verdict]`.
-pub const DECISION_STRIDE: u32 = 16;
+pub const DECISION_STRIDE: u32 = 32;
 const _: () = assert!((hook::COUNT as u32) * (verdict::COUNT as u32) <= DECISION_STRIDE);
 
 pub const fn decision_index(slot: u32, hook: u8, verdict: u8) -> u32 {
@@ -112,6 +164,16 @@ pub mod proto {
     pub const TCP: u8 = 1 << 0;
     pub const UDP: u8 = 1 << 1;
     pub const ANY: u8 = TCP | UDP;
+}
+
+/// File access kinds, as bits: a policy entry grants a set of them, a request asks for one
+/// or more. `write` in a policy implies read.
+pub mod access {
+    pub const READ: u8 = 1 << 0;
+    pub const WRITE: u8 = 1 << 1;
+    pub const EXEC: u8 = 1 << 2;
+    /// Changing a tree (create, unlink, rename, link, mkdir, rmdir, setattr) needs write.
+    pub const ALL: u8 = READ | WRITE | EXEC;
 }
 
 pub mod mode {
@@ -159,7 +221,10 @@ pub struct PolicyConfig {
     pub allow_raw_sockets: u8,
     /// Allow ICMP/ICMPv6 datagram ("ping") sockets.
     pub allow_icmp: u8,
-    pub _pad: [u8; 2],
+    /// Non-zero when the policy has a `files` section: only then are opens judged.
+    pub files_enabled: u8,
+    /// `access` bits granted where no listed path decides (`files.default`).
+    pub files_default: u8,
 }
 const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 72);
 
@@ -173,7 +238,8 @@ impl PolicyConfig {
             log_allowed: 0,
             allow_raw_sockets: 0,
             allow_icmp: 0,
-            _pad: [0; 2],
+            files_enabled: 0,
+            files_default: 0,
         }
     }
 
@@ -286,6 +352,145 @@ pub struct NetEvent {
 }
 const _: () = assert!(core::mem::size_of::<NetEvent>() == 80);
 
+/// Key of `ENF_FILES`: an inode (device as the kernel encodes `s_dev`: major << 20 |
+/// minor) under one policy slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FileKey {
+    pub ino: u64,
+    pub dev: u32,
+    pub slot: u32,
+}
+const _: () = assert!(core::mem::size_of::<FileKey>() == 16);
+
+/// What a listed inode decides for everything beneath it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FileEntry {
+    /// `access` bits granted (already including what listed ancestors grant).
+    pub allow: u8,
+    /// Non-zero: a deny rule covers this path; nothing is granted.
+    pub deny: u8,
+    /// 1-based index into the policy's file rules (for events).
+    pub rule_id: u16,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<FileEntry>() == 8);
+
+/// Key of `ENF_PENDING`: a listed path that did not exist when the policy was
+/// compiled, as (existing parent inode, next component name). When a dentry with that
+/// name under that parent gets an inode, the kernel adds it to `ENF_FILES` (or, for a
+/// deeper path, adds the next pending component).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PendingKey {
+    pub parent_ino: u64,
+    pub parent_dev: u32,
+    pub slot: u32,
+    pub name: [u8; limits::PENDING_NAME_LEN],
+}
+const _: () = assert!(core::mem::size_of::<PendingKey>() == 64);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingValue {
+    pub entry: FileEntry,
+    /// Components still to come after the key's name (0: the key's name is the listed
+    /// path itself).
+    pub remaining: u32,
+    pub _pad: u32,
+    pub names: [[u8; limits::PENDING_NAME_LEN]; limits::MAX_PENDING_DEPTH - 1],
+}
+const _: () = assert!(core::mem::size_of::<PendingValue>() == 16 + 48 * 3);
+
+/// Offsets into kernel structs, read from the running kernel's BTF when the programs
+/// are loaded (Rust eBPF has no CO-RE relocations), so one build runs on 6.1 to 6.18.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct KernelOffsets {
+    pub file_f_path_dentry: u32,
+    pub file_f_path_mnt: u32,
+    pub file_f_mode: u32,
+    pub path_dentry: u32,
+    pub path_mnt: u32,
+    pub dentry_d_parent: u32,
+    pub dentry_d_inode: u32,
+    pub dentry_d_name_name: u32,
+    pub inode_i_ino: u32,
+    pub inode_i_sb: u32,
+    pub super_block_s_dev: u32,
+    /// Where `struct vfsmount mnt` sits inside `struct mount` (container_of).
+    pub mount_mnt: u32,
+    pub mount_mnt_parent: u32,
+    pub mount_mnt_mountpoint: u32,
+    pub linux_binprm_file: u32,
+    /// 1 when this is the real table (a zeroed table makes the programs deny).
+    pub valid: u32,
+}
+
+/// One file decision, as the kernel reports it through `ENF_EVENTS` (told apart from
+/// `NetEvent` by its size).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileEvent {
+    pub boot_ns: u64,
+    pub cgroup_id: u64,
+    pub ino: u64,
+    pub tid: u32,
+    pub pid: u32,
+    pub uid: u32,
+    pub slot: u32,
+    /// 1-based index into the policy's file rules; 0 = the default decided.
+    pub rule_id: u32,
+    /// Kernel-encoded device (major << 20 | minor).
+    pub dev: u32,
+    pub hook: u8,
+    pub verdict: u8,
+    /// `access` bits asked for.
+    pub requested: u8,
+    /// Which change (`change::*`) for `hook::FILE_CHANGE`.
+    pub change: u8,
+    /// Path components filled, deepest first; more than `EVENT_PATH_PARTS` sets
+    /// `truncated`.
+    pub parts: u8,
+    pub truncated: u8,
+    pub _pad: [u8; 2],
+    pub comm: [u8; 16],
+    pub path: [[u8; limits::EVENT_PART_LEN]; limits::EVENT_PATH_PARTS],
+}
+const _: () = assert!(core::mem::size_of::<FileEvent>() == 72 + 512);
+
+/// Tree changes judged by the path hooks.
+pub mod change {
+    pub const NONE: u8 = 0;
+    pub const CREATE: u8 = 1;
+    pub const MKDIR: u8 = 2;
+    pub const RMDIR: u8 = 3;
+    pub const UNLINK: u8 = 4;
+    pub const SYMLINK: u8 = 5;
+    pub const LINK: u8 = 6;
+    pub const RENAME: u8 = 7;
+    pub const TRUNCATE: u8 = 8;
+    pub const CHMOD: u8 = 9;
+    pub const CHOWN: u8 = 10;
+
+    pub const fn name(change: u8) -> &'static str {
+        match change {
+            CREATE => "create",
+            MKDIR => "mkdir",
+            RMDIR => "rmdir",
+            UNLINK => "unlink",
+            SYMLINK => "symlink",
+            LINK => "link",
+            RENAME => "rename",
+            TRUNCATE => "truncate",
+            CHMOD => "chmod",
+            CHOWN => "chown",
+            _ => "none",
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     use super::*;
@@ -297,4 +502,10 @@ mod user {
     unsafe impl aya::Pod for Clause {}
     unsafe impl aya::Pod for PrefixClauses {}
     unsafe impl aya::Pod for NetEvent {}
+    unsafe impl aya::Pod for FileKey {}
+    unsafe impl aya::Pod for FileEntry {}
+    unsafe impl aya::Pod for PendingKey {}
+    unsafe impl aya::Pod for PendingValue {}
+    unsafe impl aya::Pod for KernelOffsets {}
+    unsafe impl aya::Pod for FileEvent {}
 }

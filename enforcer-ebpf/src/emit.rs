@@ -1,8 +1,11 @@
 //! Decision counters and events. A failed ring-buffer reservation is counted and never
 //! changes a verdict.
-use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid};
+use aya_ebpf::helpers::{
+    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_probe_read_kernel,
+    bpf_probe_read_kernel_str_bytes,
+};
 use aya_ebpf::helpers::generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns};
-use enforcer_common::{NetEvent, counter, decision_index};
+use enforcer_common::{FileEvent, KernelOffsets, NetEvent, counter, decision_index, limits};
 
 use crate::maps::{ENF_COUNTERS, ENF_DECISIONS, ENF_EVENTS};
 
@@ -64,5 +67,91 @@ pub fn emit_event(d: &Decision) {
         _pad: 0,
     };
     entry.write(event);
+    entry.submit(0);
+}
+
+/// What a file hook knows about a decision.
+pub struct FileDecision {
+    pub slot: u32,
+    pub rule_id: u32,
+    pub hook: u8,
+    pub verdict: u8,
+    pub requested: u8,
+    pub change: u8,
+}
+
+#[inline(always)]
+fn read_ptr(base: *const u8, offset: u32) -> *const u8 {
+    unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const *const u8) }.unwrap_or(core::ptr::null())
+}
+
+/// Emits a file decision with the path's components, deepest first (the controller
+/// joins them). Walks the same way as the judge, but only when an event is due.
+#[inline(always)]
+pub fn emit_file_event(d: &FileDecision, o: &KernelOffsets, dentry: *const u8, vfsmount: *const u8) {
+    let Some(mut entry) = ENF_EVENTS.reserve::<FileEvent>(0) else {
+        count(counter::EVENTS_LOST);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let inode = read_ptr(dentry, o.dentry_d_inode);
+    let sb = read_ptr(inode, o.inode_i_sb);
+    unsafe {
+        (*event).boot_ns = bpf_ktime_get_boot_ns();
+        (*event).cgroup_id = bpf_get_current_cgroup_id();
+        (*event).ino = bpf_probe_read_kernel(inode.add(o.inode_i_ino as usize) as *const u64).unwrap_or(0);
+        (*event).dev = bpf_probe_read_kernel(sb.add(o.super_block_s_dev as usize) as *const u32).unwrap_or(0);
+        (*event).tid = pid_tgid as u32;
+        (*event).pid = (pid_tgid >> 32) as u32;
+        (*event).uid = bpf_get_current_uid_gid() as u32;
+        (*event).slot = d.slot;
+        (*event).rule_id = d.rule_id;
+        (*event).hook = d.hook;
+        (*event).verdict = d.verdict;
+        (*event).requested = d.requested;
+        (*event).change = d.change;
+        (*event).truncated = 0;
+        (*event)._pad = [0; 2];
+        (*event).comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    }
+    let mut dentry = dentry;
+    let mut vfsmount = vfsmount;
+    let mut parts: usize = 0;
+    // Every step counts against the bound, mount crossings too, so the loop ends.
+    let mut steps = 0;
+    while steps < limits::EVENT_PATH_PARTS + 4 && parts < limits::EVENT_PATH_PARTS {
+        steps += 1;
+        if dentry.is_null() {
+            break;
+        }
+        let parent = read_ptr(dentry, o.dentry_d_parent);
+        if parent == dentry {
+            // A filesystem root names nothing; continue at its mount point.
+            if vfsmount.is_null() {
+                break;
+            }
+            let mount = unsafe { vfsmount.sub(o.mount_mnt as usize) };
+            let parent_mount = read_ptr(mount, o.mount_mnt_parent);
+            if parent_mount.is_null() || parent_mount == mount {
+                break;
+            }
+            dentry = read_ptr(mount, o.mount_mnt_mountpoint);
+            vfsmount = unsafe { parent_mount.add(o.mount_mnt as usize) };
+            continue;
+        }
+        let name = read_ptr(dentry, o.dentry_d_name_name);
+        let slot = unsafe { &mut (*event).path[parts] };
+        if unsafe { bpf_probe_read_kernel_str_bytes(name, slot) }.is_err() {
+            slot[0] = 0;
+        }
+        parts += 1;
+        dentry = parent;
+    }
+    unsafe {
+        (*event).parts = parts as u8;
+        // Stopped by the bound with ancestors left: the path is cut at the top.
+        (*event).truncated = (!dentry.is_null() && read_ptr(dentry, o.dentry_d_parent) != dentry) as u8;
+    }
     entry.submit(0);
 }

@@ -4,6 +4,7 @@
 #![no_main]
 
 mod emit;
+mod files;
 mod maps;
 mod net;
 mod policy;

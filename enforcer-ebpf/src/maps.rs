@@ -3,10 +3,11 @@
 //! program set, so each controller reads the events of the cgroups it attached.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use enforcer_common::{
-    Binding, DECISION_STRIDE, Net4Key, Net6Key, PolicyConfig, PrefixClauses, counter, limits,
+    Binding, DECISION_STRIDE, FileEntry, FileKey, Net4Key, Net6Key, PendingKey, PendingValue, PolicyConfig,
+    PrefixClauses, counter, limits,
 };
 
 /// binding (one per attached cgroup) -> cgroup id and policy slot.
@@ -35,6 +36,18 @@ pub static ENF_DECISIONS: PerCpuArray<u64> =
 /// Global counters (`enforcer_common::counter`).
 #[map(name = "ENF_COUNTERS")]
 pub static ENF_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
+
+/// (inode, slot) -> what a listed path decides for itself and everything beneath.
+#[map(name = "ENF_FILES")]
+pub static ENF_FILES: HashMap<FileKey, FileEntry> = HashMap::pinned(limits::MAX_FILE_ENTRIES, 0);
+
+/// (existing parent inode, name, slot) -> a listed path not created yet.
+#[map(name = "ENF_PENDING")]
+pub static ENF_PENDING: HashMap<PendingKey, PendingValue> = HashMap::pinned(limits::MAX_PENDING_PATHS, 0);
+
+/// Per-CPU room to build a pending value (too large for the BPF stack).
+#[map(name = "ENF_PEND_TMP")]
+pub static ENF_PENDING_SCRATCH: PerCpuArray<PendingValue> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "ENF_EVENTS")]
 pub static ENF_EVENTS: RingBuf = RingBuf::with_byte_size(limits::EVENTS_RING_BYTES, 0);

@@ -9,7 +9,7 @@ use crate::maps::{ENF_BINDINGS, ENF_POLICIES};
 /// programs only run for sockets of the attached cgroup and its descendants, so the
 /// binding names the policy without looking up the task's cgroup.
 #[unsafe(no_mangle)]
-static ENF_BINDING: Global<u32> = Global::new(0);
+pub(crate) static ENF_BINDING: Global<u32> = Global::new(0);
 
 /// The policy this program set enforces.
 pub enum Governing {

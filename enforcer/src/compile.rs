@@ -44,6 +44,11 @@ pub struct CompiledPolicy {
     pub net4: Vec<Prefix4>,
     pub net6: Vec<Prefix6>,
     pub rules: Vec<RuleInfo>,
+    /// File tables, compiled against the filesystem by `crate::files::compile` (the
+    /// caller adds them: this module stays pure).
+    pub files: Option<crate::files::FileTables>,
+    /// The home `~` was expanded to, when the file tables were compiled.
+    pub home: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -184,7 +189,7 @@ pub fn compile_policy(policy: &Policy) -> Result<CompiledPolicy, CompileError> {
     config.log_allowed = (policy.log_allowed || policy.alerts.new_destination) as u8;
     config.allow_raw_sockets = net.raw_sockets as u8;
     config.allow_icmp = net.icmp as u8;
-    Ok(CompiledPolicy { name: policy.name.clone(), config, net4, net6, rules })
+    Ok(CompiledPolicy { name: policy.name.clone(), config, net4, net6, rules, files: None, home: None })
 }
 
 /// A model of the kernel's decision, for tests and tooling: longest prefix, clauses

@@ -5,7 +5,7 @@ use std::{
     os::unix::process::{CommandExt as _, ExitStatusExt as _},
     path::{Path, PathBuf},
     process::ExitStatus,
-    sync::atomic::Ordering,
+    sync::{Arc, RwLock, atomic::Ordering},
 };
 
 use anyhow::{Context as _, bail};
@@ -17,7 +17,8 @@ use tracing::{info, warn};
 use crate::{
     alerts::Detector,
     cgroup,
-    compile::compile_policy,
+    compile::{CompiledPolicy, compile_policy},
+    files::{self, FileTables},
     grants::{self, Grant},
     policy::Policy,
     events::{self, Enricher},
@@ -32,29 +33,150 @@ pub struct Confinement {
     /// The cgroup as users name it (`/agent.slice`).
     pub display: String,
     pub programs: ProgramSet,
+    pub files: FileEnforcement,
+    pub policy: String,
+    pub slot: u32,
+}
+
+impl Confinement {
+    /// Says that enforcement is complete (kernel hooks and, for fanotify, the listener):
+    /// scripts and tests wait for this line.
+    pub fn announce(&self) {
+        info!(cgroup = %self.display, cgroup_id = self.id, policy = %self.policy, slot = self.slot, files = self.files.name(), "attached");
+    }
+}
+
+/// `--file-backend`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FileBackendChoice {
+    /// BPF-LSM when its programs load here, else fanotify (with a warning saying why).
+    Auto,
+    BpfLsm,
+    Fanotify,
+}
+
+/// How file rules are applied to a cgroup and what `~` means in them.
+#[derive(Clone, Debug)]
+pub struct FileOptions {
+    pub home: PathBuf,
+    pub backend: FileBackendChoice,
+}
+
+/// Who enforces the file rules of a confinement.
+pub enum FileEnforcement {
+    /// The policy has no file rules.
+    None,
+    /// The kernel: stays in force without a controller.
+    BpfLsm,
+    /// This controller, through fanotify permission events: only while it runs. The
+    /// tables are shared with the judge and replaced on reload.
+    Fanotify { state: Arc<RwLock<FanotifyState>>, reason: String },
+}
+
+impl FileEnforcement {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::BpfLsm => "bpf-lsm",
+            Self::Fanotify { .. } => "fanotify",
+        }
+    }
+}
+
+/// What the fanotify judge needs of the policy in force, in memory: its listener
+/// thread must not open files (its own open would wait for itself).
+pub struct FanotifyState {
+    pub slot: u32,
+    pub audit: bool,
+    pub log_allowed: bool,
+    pub tables: FileTables,
+}
+
+impl FanotifyState {
+    fn new(slot: u32, compiled: &CompiledPolicy, tables: FileTables) -> Self {
+        Self {
+            slot,
+            audit: compiled.config.mode == enforcer_common::mode::AUDIT,
+            log_allowed: compiled.config.log_allowed != 0,
+            tables,
+        }
+    }
+}
+
+/// Compiles the network rules (pure) and, when the policy has file rules, the file
+/// tables against this machine's filesystem.
+pub fn compile_all(policy: &Policy, home: &Path) -> anyhow::Result<CompiledPolicy> {
+    let mut compiled = compile_policy(policy)?;
+    if let Some(fp) = &policy.files {
+        let tables = files::compile(fp, home).map_err(|e| anyhow::anyhow!("policy {}: {e}", policy.name))?;
+        compiled.config.files_enabled = 1;
+        compiled.config.files_default = tables.default_grants;
+        compiled.files = Some(tables);
+        compiled.home = Some(home.to_path_buf());
+    }
+    Ok(compiled)
+}
+
+/// Offsets and cgroup level for the BPF-LSM programs of a cgroup.
+fn lsm_hooks(mount: &Path, path: &Path) -> anyhow::Result<loader::FileHooks> {
+    let btf = crate::btf::KernelBtf::from_running_kernel()?;
+    let offsets = loader::kernel_offsets(&btf)?;
+    let level = path.strip_prefix(mount).map(|rel| rel.components().count() as u32).unwrap_or(0);
+    Ok(loader::FileHooks { offsets, cgroup_level: level })
 }
 
 /// Writes the policy for the cgroup, then attaches the hooks (policy first, so the
 /// first decision already has it). A re-attach replaces the policy in one map update.
-pub fn confine(mount: &Path, path: &Path, base: &Policy) -> anyhow::Result<Confinement> {
+pub fn confine(mount: &Path, path: &Path, base: &Policy, opts: &FileOptions) -> anyhow::Result<Confinement> {
     cgroup::check_safe_to_confine(mount, path)?;
     cgroup::create(path)?;
     let id = cgroup::cgroup_id(path)?;
     let shown = cgroup::display_path(mount, path);
     let _lock = StateLock::acquire()?;
     // Grants outlive a re-attach until they expire.
-    let compiled = compile_policy(&grants::apply(base, &grants::live(id)))?;
+    let compiled = compile_all(&grants::apply(base, &grants::live(id)), &opts.home)?;
     let binding = match Tables::open_pinned() {
         Ok(tables) => tables.binding_for(id)?,
         Err(loader::LoaderError::NotAttached) => 1, // the first attach creates the tables
         Err(e) => return Err(e.into()),
     };
     let started = std::time::Instant::now();
-    let programs = ProgramSet::load(binding)?;
+    let (mut programs, files) = match &compiled.files {
+        None => (ProgramSet::load(binding, None)?, FileEnforcement::None),
+        Some(tables) => {
+            let lsm = match opts.backend {
+                FileBackendChoice::Fanotify => Err(anyhow::anyhow!("--file-backend fanotify was asked for")),
+                _ => lsm_hooks(mount, path).and_then(|hooks| Ok(ProgramSet::load(binding, Some(hooks))?)),
+            };
+            match lsm {
+                Ok(programs) => (programs, FileEnforcement::BpfLsm),
+                Err(e) if opts.backend == FileBackendChoice::BpfLsm => {
+                    return Err(e.context("--file-backend bpf-lsm: the BPF-LSM programs cannot be used"));
+                }
+                Err(e) => {
+                    crate::fanotify::Fanotify::probe().map_err(|why| {
+                        anyhow::anyhow!("the policy has file rules but neither backend works here: BPF-LSM: {e:#}; fanotify: {why}")
+                    })?;
+                    let reason = format!("{e:#}");
+                    if opts.backend == FileBackendChoice::Auto {
+                        warn!(
+                            "BPF-LSM not used ({reason}); file rules are enforced by fanotify permission events \
+                             in this controller: they stop when it stops"
+                        );
+                    }
+                    let shared = Arc::new(RwLock::new(FanotifyState::new(0, &compiled, tables.clone())));
+                    (ProgramSet::load(binding, None)?, FileEnforcement::Fanotify { state: shared, reason })
+                }
+            }
+        }
+    };
     tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "programs loaded and verified");
     let mut tables = Tables::open_pinned()?;
     let had_links = loader::pinned_link_count(id) > 0;
     let slot = tables.install(binding, id, &shown, &compiled, base)?;
+    if let FileEnforcement::Fanotify { state, .. } = &files {
+        state.write().expect("file tables lock").slot = slot;
+    }
     if let Err(e) = programs.attach(path, id) {
         if !had_links {
             // Nothing of ours was enforcing here before: leave no policy behind.
@@ -63,21 +185,30 @@ pub fn confine(mount: &Path, path: &Path, base: &Policy) -> anyhow::Result<Confi
         }
         return Err(e.into());
     }
-    info!(cgroup = %shown, cgroup_id = id, policy = %compiled.name, binding, slot, "attached");
-    Ok(Confinement { id, display: shown, programs })
+    tracing::debug!(cgroup = %shown, cgroup_id = id, policy = %compiled.name, binding, slot, "policy installed");
+    Ok(Confinement { id, display: shown, programs, files, policy: compiled.name, slot })
 }
 
 /// Re-installs a confined cgroup's policy from `base` (SIGHUP in `attach`), keeping its
 /// grants, in one binding update. The programs stay as they are.
-pub fn reinstall(mount: &Path, path: &Path, base: &Policy) -> anyhow::Result<u32> {
+pub fn reinstall(mount: &Path, path: &Path, base: &Policy, opts: &FileOptions, files: &FileEnforcement) -> anyhow::Result<u32> {
     let id = cgroup::cgroup_id(path)?;
     let shown = cgroup::display_path(mount, path);
     let _lock = StateLock::acquire()?;
     let mut tables = Tables::open_pinned()?;
     anyhow::ensure!(tables.slot_of(id).is_some(), "{shown} is no longer confined (detached?)");
-    let compiled = compile_policy(&grants::apply(base, &grants::live(id)))?;
+    let compiled = compile_all(&grants::apply(base, &grants::live(id)), &opts.home)?;
+    // Never leave file rules unenforced: the programs (or fanotify) come with an attach.
+    anyhow::ensure!(
+        compiled.files.is_none() || !matches!(files, FileEnforcement::None),
+        "the new policy has file rules but this attach started without them: attach again to enforce them"
+    );
     let binding = tables.binding_for(id)?;
-    Ok(tables.install(binding, id, &shown, &compiled, base)?)
+    let slot = tables.install(binding, id, &shown, &compiled, base)?;
+    if let (FileEnforcement::Fanotify { state, .. }, Some(new)) = (files, compiled.files.clone()) {
+        *state.write().expect("file tables lock") = FanotifyState::new(slot, &compiled, new);
+    }
+    Ok(slot)
 }
 
 /// `grant` / `revoke`: changes a confined cgroup's grants and re-installs its policy
@@ -103,7 +234,9 @@ pub fn update_grants(
         .with_context(|| format!("the state of {shown}'s policy is missing under {}; attach it again", loader::STATE_DIR))?;
     let mut grants = grants::live(id);
     change(&mut grants)?;
-    let compiled = compile_policy(&grants::apply(&base, &grants))?;
+    let info = loader::read_slot_info(slot).unwrap_or_default();
+    let home = info.home.clone().unwrap_or_else(|| PathBuf::from("/root"));
+    let compiled = compile_all(&grants::apply(&base, &grants), &home)?;
     let binding = tables.binding_for(id)?;
     tables.install(binding, id, &shown, &compiled, &base)?;
     grants::save(id, &grants).context("saving grants")?;
@@ -212,7 +345,7 @@ fn drain(ring: &mut RingBuf<MapData>, enricher: &mut Enricher, detector: &mut De
     while let Some(item) = ring.next() {
         let Some(ev) = events::decode(&item) else { continue };
         let doc = enricher.to_ecs(&ev);
-        let slot = enricher.slot_info(ev.slot);
+        let slot = enricher.slot_info(ev.slot());
         let default_alerts = crate::policy::Alerts::default();
         let alerts = slot.spec.as_ref().map_or(&default_alerts, |p| &p.alerts);
         for alert in detector.observe(&doc, alerts, std::time::Instant::now()) {
@@ -221,7 +354,7 @@ fn drain(ring: &mut RingBuf<MapData>, enricher: &mut Enricher, detector: &mut De
         // Allowed decisions reach the kernel's ring for new-destination alerts too;
         // only log_allowed puts them in the sinks.
         let log_allowed = slot.spec.as_ref().is_none_or(|p| p.log_allowed);
-        if ev.verdict != enforcer_common::verdict::ALLOW || log_allowed {
+        if ev.verdict() != enforcer_common::verdict::ALLOW || log_allowed {
             sinks.publish(Outgoing::new(&doc));
         }
     }
@@ -229,7 +362,14 @@ fn drain(ring: &mut RingBuf<MapData>, enricher: &mut Enricher, detector: &mut De
 
 /// Reloads the policy file on every SIGHUP; a policy that fails to parse or compile is
 /// refused with its file:line:column and the one in force stays.
-pub async fn reload_on_hangup(mount: PathBuf, path: PathBuf, file: PathBuf, mode: Option<crate::policy::Mode>) {
+pub async fn reload_on_hangup(
+    mount: PathBuf,
+    path: PathBuf,
+    file: PathBuf,
+    mode: Option<crate::policy::Mode>,
+    opts: FileOptions,
+    files: Arc<FileEnforcement>,
+) {
     let Ok(mut hup) = tokio::signal::unix::signal(SignalKind::hangup()) else { return };
     while hup.recv().await.is_some() {
         let result = crate::policy::parse_policy_file(&file)
@@ -238,7 +378,7 @@ pub async fn reload_on_hangup(mount: PathBuf, path: PathBuf, file: PathBuf, mode
                 if let Some(mode) = mode {
                     policy.mode = mode;
                 }
-                reinstall(&mount, &path, &policy)
+                reinstall(&mount, &path, &policy, &opts, &files)
             });
         match result {
             Ok(slot) => {
@@ -413,4 +553,83 @@ pub fn status_report() -> anyhow::Result<serde_json::Value> {
         "events_lost": tables.counter(enforcer_common::counter::EVENTS_LOST),
         "fail_closed": tables.counter(enforcer_common::counter::MISSING_POLICY),
     }))
+}
+
+/// Whether `pid` sits in the cgroup `shown` (as `display_path` names it) or below.
+fn pid_in_cgroup(pid: u32, shown: &str) -> bool {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else { return false };
+    text.lines().filter_map(|l| l.strip_prefix("0::")).any(|rel| {
+        rel == shown || (rel.starts_with(shown) && rel.as_bytes().get(shown.len()) == Some(&b'/'))
+    })
+}
+
+/// Starts the fanotify backend for a confinement whose file rules it enforces: opens
+/// by processes of the cgroup are judged with the shared tables, the same way as the
+/// kernel's walk (`files::judge_path`). The listener only stats paths and reads /proc;
+/// events are built and published on another thread (enrichment opens files).
+pub fn start_fanotify(
+    conf: &Confinement,
+    mount: &Path,
+    attach_point: &Path,
+    publisher: crate::sinks::Publisher,
+) -> anyhow::Result<Option<crate::fanotify::Fanotify>> {
+    let FileEnforcement::Fanotify { state, .. } = &conf.files else { return Ok(None) };
+    let state = state.clone();
+    let shown = conf.display.clone();
+    let cgroup_id = conf.id;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<events::FileFacts>(65_536);
+    let mut enricher = Enricher::new(mount, attach_point);
+    std::thread::Builder::new()
+        .name("fanotify-events".into())
+        .spawn(move || {
+            for facts in rx {
+                let doc = enricher.file_to_ecs(&facts);
+                publisher.publish(Outgoing::new(&doc));
+            }
+        })
+        .context("starting the fanotify event thread")?;
+    let judge = move |req: &crate::fanotify::FileRequest| -> bool {
+        if !pid_in_cgroup(req.pid, &shown) {
+            return true;
+        }
+        let guard = state.read().expect("file tables lock");
+        let decided = files::judge_path(&guard.tables, &req.path, req.access);
+        let v = if decided.allowed {
+            verdict::ALLOW
+        } else if guard.audit {
+            verdict::AUDIT_DENY
+        } else {
+            verdict::DENY
+        };
+        if v != verdict::ALLOW || guard.log_allowed {
+            let proc_file = |name: &str| std::fs::read_to_string(format!("/proc/{}/{name}", req.pid)).unwrap_or_default();
+            let uid = proc_file("status")
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:")?.split_whitespace().next()?.parse().ok())
+                .unwrap_or(u32::MAX);
+            let facts = events::FileFacts {
+                unix_ns: events::unix_now_ns(),
+                pid: req.pid,
+                tid: req.pid,
+                uid,
+                comm: proc_file("comm").trim().to_string(),
+                cgroup_id,
+                slot: guard.slot,
+                rule_id: decided.rule_id as u32,
+                hook: if req.access & enforcer_common::access::EXEC != 0 { hook::FILE_EXEC } else { hook::FILE_OPEN },
+                verdict: v,
+                requested: req.access,
+                change: enforcer_common::change::NONE,
+                path: req.path.display().to_string(),
+                inode: req.ino,
+                device: files::kernel_dev(req.dev),
+                backend: "fanotify",
+            };
+            if tx.try_send(facts).is_err() {
+                crate::sinks::count_dropped("fanotify-events");
+            }
+        }
+        v != verdict::DENY
+    };
+    Ok(Some(crate::fanotify::Fanotify::start(Box::new(judge))?))
 }

@@ -8,15 +8,97 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use enforcer_common::{NetEvent, family, hook, verdict};
+use enforcer_common::{FileEvent, NetEvent, access, change, family, hook, verdict};
 use serde_json::{Value, json};
 
 use crate::{cgroup, loader};
 
-/// Decodes one ring-buffer record; `None` for a record of the wrong size.
-pub fn decode(bytes: &[u8]) -> Option<NetEvent> {
-    (bytes.len() >= size_of::<NetEvent>())
-        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<NetEvent>()) })
+/// A kernel record: the two kinds are told apart by their size.
+#[derive(Debug, PartialEq, Eq)]
+pub enum KernelEvent {
+    Net(NetEvent),
+    File(Box<FileEvent>),
+}
+
+impl KernelEvent {
+    pub fn slot(&self) -> u32 {
+        match self {
+            Self::Net(e) => e.slot,
+            Self::File(e) => e.slot,
+        }
+    }
+    pub fn verdict(&self) -> u8 {
+        match self {
+            Self::Net(e) => e.verdict,
+            Self::File(e) => e.verdict,
+        }
+    }
+}
+
+/// Decodes one ring-buffer record; `None` for a record of neither size.
+pub fn decode(bytes: &[u8]) -> Option<KernelEvent> {
+    if bytes.len() == size_of::<FileEvent>() {
+        return Some(KernelEvent::File(Box::new(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<FileEvent>()) })));
+    }
+    (bytes.len() == size_of::<NetEvent>())
+        .then(|| KernelEvent::Net(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<NetEvent>()) }))
+}
+
+/// `read`, `write`, `exec` names of access bits.
+pub fn access_names(bits: u8) -> Vec<&'static str> {
+    [(access::READ, "read"), (access::WRITE, "write"), (access::EXEC, "exec")]
+        .into_iter()
+        .filter(|(b, _)| bits & b != 0)
+        .map(|(_, n)| n)
+        .collect()
+}
+
+/// The path a file event carries: components deepest first, joined from the root.
+pub fn event_path(ev: &FileEvent) -> String {
+    let parts = (ev.parts as usize).min(ev.path.len());
+    let mut out = String::new();
+    if ev.truncated != 0 {
+        out.push_str("/…");
+    }
+    for part in ev.path[..parts].iter().rev() {
+        let len = part.iter().position(|&b| b == 0).unwrap_or(part.len());
+        out.push('/');
+        out.push_str(&String::from_utf8_lossy(&part[..len]));
+        if len == part.len() {
+            out.push('…'); // the kernel keeps 31 bytes of each name
+        }
+    }
+    if out.is_empty() { "/".into() } else { out }
+}
+
+/// The ECS `event.action` of a file decision.
+pub fn file_action(hook_id: u8, requested: u8, change_kind: u8) -> String {
+    match hook_id {
+        hook::FILE_EXEC | hook::FILE_MMAP => "file-exec".into(),
+        hook::FILE_CHANGE => format!("file-{}", change::name(change_kind)),
+        _ if requested & access::WRITE != 0 => "file-write".into(),
+        _ => "file-open".into(),
+    }
+}
+
+/// What a file decision says, from the kernel or from the fanotify backend.
+pub struct FileFacts {
+    pub unix_ns: i128,
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+    pub slot: u32,
+    pub rule_id: u32,
+    pub hook: u8,
+    pub verdict: u8,
+    pub requested: u8,
+    pub change: u8,
+    pub path: String,
+    pub inode: u64,
+    pub device: u32,
+    pub backend: &'static str,
 }
 
 /// What the kernel record does not carry: names of cgroups, policies and rules, the
@@ -123,16 +205,88 @@ impl Enricher {
         facts
     }
 
-    pub fn to_ecs(&mut self, ev: &NetEvent) -> Value {
-        let info = self.slot(ev.slot);
-        let unix_ns = ev.boot_ns as i128 + self.boot_to_unix_ns;
-        let decided = ev.verdict == verdict::DENY;
-        let rule_name = match ev.rule_id {
+    pub fn to_ecs(&mut self, ev: &KernelEvent) -> Value {
+        match ev {
+            KernelEvent::Net(e) => self.net_to_ecs(e),
+            KernelEvent::File(e) => {
+                let comm_len = e.comm.iter().position(|&b| b == 0).unwrap_or(e.comm.len());
+                let facts = FileFacts {
+                    unix_ns: e.boot_ns as i128 + self.boot_to_unix_ns,
+                    pid: e.pid,
+                    tid: e.tid,
+                    uid: e.uid,
+                    comm: String::from_utf8_lossy(&e.comm[..comm_len]).into_owned(),
+                    cgroup_id: e.cgroup_id,
+                    slot: e.slot,
+                    rule_id: e.rule_id,
+                    hook: e.hook,
+                    verdict: e.verdict,
+                    requested: e.requested,
+                    change: e.change,
+                    path: event_path(e),
+                    inode: e.ino,
+                    device: e.dev,
+                    backend: "bpf-lsm",
+                };
+                self.file_to_ecs(&facts)
+            }
+        }
+    }
+
+    fn rule_name(info: &loader::SlotInfo, rule_id: u32, file: bool) -> String {
+        let names = if file { &info.file_rules } else { &info.rules };
+        match rule_id {
             0 => "default".to_string(),
             enforcer_common::RULE_ISOLATED => "isolated".to_string(),
             enforcer_common::RULE_FAIL_CLOSED => "fail-closed".to_string(),
-            id => info.rules.get(id as usize - 1).cloned().unwrap_or_else(|| format!("rule-{id}")),
-        };
+            id => names.get(id as usize - 1).cloned().unwrap_or_else(|| format!("rule-{id}")),
+        }
+    }
+
+    pub fn file_to_ecs(&mut self, f: &FileFacts) -> Value {
+        let info = self.slot(f.slot);
+        let denied = f.verdict == verdict::DENY;
+        let (exe, ppid) = self.process_facts(f.pid);
+        json!({
+            "@timestamp": rfc3339_nanos(f.unix_ns),
+            "event": {
+                "kind": "event",
+                "category": ["file"],
+                "action": file_action(f.hook, f.requested, f.change),
+                "type": [if denied { "denied" } else { "allowed" }],
+                "outcome": if denied { "failure" } else { "success" },
+            },
+            "enforcer": {
+                "verdict": verdict::name(f.verdict),
+                "hook": hook::name(f.hook),
+                "slot": f.slot,
+                "backend": f.backend,
+                "access": access_names(f.requested),
+            },
+            "file": { "path": f.path, "inode": f.inode, "device": f.device },
+            "process": {
+                "pid": f.pid,
+                "thread": { "id": f.tid },
+                "name": f.comm,
+                "executable": exe,
+                "parent": { "pid": ppid },
+            },
+            "user": {
+                "id": f.uid.to_string(),
+                "name": self.user_names.entry(f.uid).or_insert_with(|| user_name(f.uid)).clone(),
+            },
+            "policy": { "name": info.policy, "mode": info.mode },
+            "rule": { "name": Self::rule_name(&info, f.rule_id, true), "id": f.rule_id },
+            "cgroup": { "path": self.cgroup_path(f.cgroup_id), "id": f.cgroup_id },
+            "host": { "name": self.host },
+        })
+    }
+
+    fn net_to_ecs(&mut self, ev: &NetEvent) -> Value {
+        let info = self.slot(ev.slot);
+        let unix_ns = ev.boot_ns as i128 + self.boot_to_unix_ns;
+        let decided = ev.verdict == verdict::DENY;
+        let rule_name = Self::rule_name(&info, ev.rule_id, false);
         let comm_len = ev.comm.iter().position(|&b| b == 0).unwrap_or(ev.comm.len());
         let (exe, ppid) = self.process_facts(ev.pid);
         let (action, transport) = match ev.hook {
@@ -303,7 +457,7 @@ mod tests {
         let bytes = unsafe {
             std::slice::from_raw_parts((&ev as *const NetEvent).cast::<u8>(), size_of::<NetEvent>())
         };
-        assert_eq!(decode(bytes), Some(ev));
+        assert_eq!(decode(bytes), Some(KernelEvent::Net(ev)));
         assert_eq!(decode(&bytes[..10]), None);
         assert_eq!(destination_ip(&ev), "10.0.0.1");
     }

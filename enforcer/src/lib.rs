@@ -3,11 +3,14 @@
 //! that uses aya; the rest wire them to the command line, events and metrics.
 pub mod alerts;
 pub mod audit;
+pub mod btf;
 pub mod cgroup;
 pub mod compile;
 pub mod controller;
 pub mod doctor;
 pub mod events;
+pub mod fanotify;
+pub mod files;
 pub mod grants;
 pub mod loader;
 pub mod metrics;

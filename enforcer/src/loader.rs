@@ -20,12 +20,12 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues, RingBuf, lpm_trie::Key},
-    programs::{CgroupSock, CgroupSockAddr},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues, RingBuf, lpm_trie::Key},
+    programs::{CgroupSock, CgroupSockAddr, Lsm, links::FdLink},
 };
 use enforcer_common::{
-    Binding, Net4Key, Net6Key, PolicyConfig, PrefixClauses, SLOT_PREFIX_BITS, decision_index, hook, limits,
-    names, verdict,
+    Binding, FileEntry, FileKey, KernelOffsets, Net4Key, Net6Key, PendingKey, PendingValue, PolicyConfig,
+    PrefixClauses, SLOT_PREFIX_BITS, decision_index, hook, limits, names, verdict,
 };
 use serde::{Deserialize, Serialize};
 
@@ -65,6 +65,8 @@ pub enum LoaderError {
     TableFull { table: &'static str, #[source] source: aya::maps::MapError },
     #[error("enforcer has no pinned state at {PIN_ROOT}: nothing is attached")]
     NotAttached,
+    #[error("BPF-LSM program {program} (hook {hook}) does not load here: {reason}")]
+    LsmUnavailable { program: &'static str, hook: &'static str, reason: String },
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> LoaderError + 'a {
@@ -127,24 +129,63 @@ impl StateLock {
     }
 }
 
+/// What the file programs need to know at load time.
+#[derive(Clone, Copy, Debug)]
+pub struct FileHooks {
+    pub offsets: KernelOffsets,
+    /// cgroup level of the attach point (the cgroup v2 root is level 0).
+    pub cgroup_level: u32,
+}
+
+/// Reads the struct offsets the file programs use from the running kernel's BTF.
+pub fn kernel_offsets(btf: &crate::btf::KernelBtf) -> anyhow::Result<KernelOffsets> {
+    let at = |s: &str, m: &str| btf.member_offset(s, m);
+    Ok(KernelOffsets {
+        file_f_path_dentry: at("file", "f_path.dentry")?,
+        file_f_path_mnt: at("file", "f_path.mnt")?,
+        file_f_mode: at("file", "f_mode")?,
+        path_dentry: at("path", "dentry")?,
+        path_mnt: at("path", "mnt")?,
+        dentry_d_parent: at("dentry", "d_parent")?,
+        dentry_d_inode: at("dentry", "d_inode")?,
+        dentry_d_name_name: at("dentry", "d_name.name")?,
+        inode_i_ino: at("inode", "i_ino")?,
+        inode_i_sb: at("inode", "i_sb")?,
+        super_block_s_dev: at("super_block", "s_dev")?,
+        mount_mnt: at("mount", "mnt")?,
+        mount_mnt_parent: at("mount", "mnt_parent")?,
+        mount_mnt_mountpoint: at("mount", "mnt_mountpoint")?,
+        linux_binprm_file: at("linux_binprm", "file")?,
+        valid: 1,
+    })
+}
+
 /// One loaded set of programs with its own events ring buffer.
 pub struct ProgramSet {
     ebpf: Ebpf,
+    /// The BPF-LSM programs were loaded (the policy has file rules and the backend is
+    /// bpf-lsm).
+    files: bool,
 }
 
 impl ProgramSet {
     /// Loads the programs for one binding (see `enforcer_common::Binding`); the tables
-    /// are opened from their pins or created and pinned.
-    pub fn load(binding: u32) -> Result<Self, LoaderError> {
+    /// are opened from their pins or created and pinned. With `files`, the BPF-LSM
+    /// programs are loaded too; any of them failing fails the load (the caller decides
+    /// on a fallback).
+    pub fn load(binding: u32, files: Option<FileHooks>) -> Result<Self, LoaderError> {
         if EBPF_OBJECT.is_empty() {
             return Err(LoaderError::NoPrograms);
         }
         ensure_bpffs()?;
         let dir = maps_dir();
         fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+        let hooks = files.unwrap_or(FileHooks { offsets: KernelOffsets::default(), cgroup_level: 0 });
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
             .override_global(names::GLOBAL_BINDING, &binding, true)
+            .override_global(names::GLOBAL_OFFSETS, &hooks.offsets, true)
+            .override_global(names::GLOBAL_CGROUP_LEVEL, &hooks.cgroup_level, true)
             .load(EBPF_OBJECT)?;
         for (name, _) in HOOKS {
             let program = ebpf.program_mut(name).ok_or(LoaderError::Program {
@@ -158,12 +199,33 @@ impl ProgramSet {
             };
             result.map_err(|source| LoaderError::Program { name, source })?;
         }
-        Ok(Self { ebpf })
+        if files.is_some() {
+            let btf = aya::Btf::from_sys_fs().map_err(|e| LoaderError::LsmUnavailable {
+                program: "all",
+                hook: "all",
+                reason: format!("no kernel BTF: {e}"),
+            })?;
+            for &(name, hook_name) in names::LSM_PROGRAMS {
+                let program = ebpf.program_mut(name).ok_or(LoaderError::Program {
+                    name,
+                    source: aya::programs::ProgramError::UnexpectedProgramType,
+                })?;
+                <&mut Lsm>::try_from(program).and_then(|p| p.load(hook_name, &btf)).map_err(|e| {
+                    LoaderError::LsmUnavailable { program: name, hook: hook_name, reason: error_chain(&e) }
+                })?;
+            }
+        }
+        Ok(Self { ebpf, files: files.is_some() })
+    }
+
+    pub fn enforces_files(&self) -> bool {
+        self.files
     }
 
     /// Attaches every hook to the cgroup and pins the links; links of an earlier attach
-    /// of the same cgroup are removed only after the new ones are in place.
-    pub fn attach(&self, cgroup: &Path, cgroup_id: u64) -> Result<(), LoaderError> {
+    /// of the same cgroup are removed only after the new ones are in place. The LSM
+    /// programs attach machine-wide and judge only tasks in the cgroup.
+    pub fn attach(&mut self, cgroup: &Path, cgroup_id: u64) -> Result<(), LoaderError> {
         let cgroup_file = File::open(cgroup).map_err(io_err("opening cgroup", cgroup))?;
         let dir = links_dir(cgroup_id);
         fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
@@ -182,6 +244,26 @@ impl ProgramSet {
             let pin = dir.join(format!("{name}_{stamp}"));
             raw_bpf::obj_pin(link.as_raw_fd(), &pin).map_err(io_err("pinning link at", &pin))?;
         }
+        if self.files {
+            for &(name, _) in names::LSM_PROGRAMS {
+                let lsm: &mut Lsm = self.ebpf.program_mut(name).expect("loaded").try_into().expect("an LSM program");
+                let attach = |lsm: &mut Lsm| -> Result<FdLink, aya::programs::ProgramError> {
+                    let id = lsm.attach()?;
+                    Ok(lsm.take_link(id)?.into())
+                };
+                let link = attach(lsm).map_err(|e| LoaderError::Attach {
+                    program: name,
+                    cgroup: cgroup.into(),
+                    source: io::Error::other(error_chain(&e)),
+                })?;
+                let pin = dir.join(format!("{name}_{stamp}"));
+                link.pin(&pin).map_err(|e| LoaderError::Io {
+                    what: "pinning link at",
+                    path: pin.clone(),
+                    source: io::Error::other(e.to_string()),
+                })?;
+            }
+        }
         for path in old {
             fs::remove_file(&path).map_err(io_err("removing old link pin", &path))?;
         }
@@ -196,6 +278,17 @@ impl ProgramSet {
         })?;
         RingBuf::try_from(map).map_err(|source| LoaderError::Map { name: names::MAP_EVENTS, source })
     }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 /// Removes the links of a cgroup: its programs stop running at once.
@@ -249,6 +342,12 @@ pub struct SlotInfo {
     pub mode: String,
     pub cgroup: String,
     pub rules: Vec<String>,
+    /// Names of the file rules by rule id - 1 (`deny:~/.ssh`).
+    #[serde(default)]
+    pub file_rules: Vec<String>,
+    /// The agent's home: what `~` in file rules meant when compiled.
+    #[serde(default)]
+    pub home: Option<PathBuf>,
     /// The policy without grants, re-compiled when grants change.
     #[serde(default)]
     pub spec: Option<crate::policy::Policy>,
@@ -270,6 +369,8 @@ pub struct Tables {
     net6: LpmTrie<MapData, Net6Key, PrefixClauses>,
     decisions: PerCpuArray<MapData, u64>,
     counters: PerCpuArray<MapData, u64>,
+    files: HashMap<MapData, FileKey, FileEntry>,
+    pending: HashMap<MapData, PendingKey, PendingValue>,
 }
 
 fn open_pinned_map(name: &'static str) -> Result<Map, LoaderError> {
@@ -297,6 +398,8 @@ impl Tables {
             net6: typed_map!(names::MAP_NET6),
             decisions: typed_map!(names::MAP_DECISIONS),
             counters: typed_map!(names::MAP_COUNTERS),
+            files: typed_map!(names::MAP_FILES),
+            pending: typed_map!(names::MAP_PENDING),
         })
     }
 
@@ -379,6 +482,8 @@ impl Tables {
             mode: if compiled.config.mode == enforcer_common::mode::AUDIT { "audit" } else { "enforce" }.into(),
             cgroup: cgroup_display.into(),
             rules: compiled.rules.iter().map(|r| r.name.clone()).collect(),
+            file_rules: compiled.files.as_ref().map(|f| f.rules.iter().map(|r| r.name.clone()).collect()).unwrap_or_default(),
+            home: compiled.home.clone(),
             spec: Some(base.clone()),
         };
         let info_path = slot_info_path(slot);
@@ -413,6 +518,19 @@ impl Tables {
                 .insert(&key, p.clauses, 0)
                 .map_err(|source| LoaderError::TableFull { table: names::MAP_NET6, source })?;
         }
+        if let Some(files) = &compiled.files {
+            for (&(dev, ino), entry) in &files.inodes {
+                self.files
+                    .insert(FileKey { ino, dev, slot }, entry, 0)
+                    .map_err(|source| LoaderError::TableFull { table: names::MAP_FILES, source })?;
+            }
+            for p in &files.pending {
+                let (key, value) = pending_entry(slot, p);
+                self.pending
+                    .insert(key, value, 0)
+                    .map_err(|source| LoaderError::TableFull { table: names::MAP_PENDING, source })?;
+            }
+        }
         self.reset_decisions(slot)?;
         // The config goes last: a slot is live only once its rules are complete.
         self.policies
@@ -444,6 +562,14 @@ impl Tables {
         let keys6: Vec<_> = self.net6.keys().flatten().filter(|k| k.data().slot == slot).collect();
         for key in keys6 {
             let _ = self.net6.remove(&key);
+        }
+        let files: Vec<_> = self.files.keys().flatten().filter(|k| k.slot == slot).collect();
+        for key in files {
+            let _ = self.files.remove(&key);
+        }
+        let pending: Vec<_> = self.pending.keys().flatten().filter(|k| k.slot == slot).collect();
+        for key in pending {
+            let _ = self.pending.remove(&key);
         }
         let _ = fs::remove_file(slot_info_path(slot));
         Ok(())
@@ -477,6 +603,24 @@ impl Tables {
     pub fn counter(&self, index: u32) -> u64 {
         Self::sum(self.counters.get(&index, 0))
     }
+}
+
+/// A name as the kernel compares it: NUL padded, cut to the key's length.
+fn kernel_name(name: &str) -> [u8; limits::PENDING_NAME_LEN] {
+    let mut out = [0u8; limits::PENDING_NAME_LEN];
+    let bytes = name.as_bytes();
+    let n = bytes.len().min(limits::PENDING_NAME_LEN - 1);
+    out[..n].copy_from_slice(&bytes[..n]);
+    out
+}
+
+fn pending_entry(slot: u32, p: &crate::files::Pending) -> (PendingKey, PendingValue) {
+    let key = PendingKey { parent_ino: p.parent_ino, parent_dev: p.parent_dev, slot, name: kernel_name(&p.names[0]) };
+    let mut names = [[0u8; limits::PENDING_NAME_LEN]; limits::MAX_PENDING_DEPTH - 1];
+    for (i, n) in p.names.iter().skip(1).enumerate() {
+        names[i] = kernel_name(n);
+    }
+    (key, PendingValue { entry: p.entry, remaining: (p.names.len() - 1) as u32, _pad: 0, names })
 }
 
 /// Program types `doctor` checks by loading a minimal program of each.

@@ -44,6 +44,12 @@ enum Command {
         /// Serve Prometheus metrics at http://ADDR/metrics.
         #[arg(long)]
         metrics_addr: Option<String>,
+        #[command(flatten)]
+        files: FileArgs,
+        /// The user the agent runs as: `~` in file rules is this user's home (default:
+        /// SUDO_USER, else the caller).
+        #[arg(long)]
+        agent_user: Option<String>,
     },
     /// Run a command in a fresh confined cgroup; exits with the command's status and
     /// removes the cgroup and its pins afterwards.
@@ -65,6 +71,8 @@ enum Command {
         user: Option<String>,
         #[arg(long)]
         metrics_addr: Option<String>,
+        #[command(flatten)]
+        files: FileArgs,
         #[arg(required = true, last = true)]
         command: Vec<String>,
     },
@@ -208,31 +216,58 @@ fn main() -> ExitCode {
     }
 }
 
+/// How file rules are enforced.
+#[derive(clap::Args, Clone, Copy, Debug)]
+struct FileArgs {
+    /// auto: BPF-LSM where its programs load, else fanotify permission events (with a
+    /// warning naming why). A policy with file rules is never attached unenforced.
+    #[arg(long, value_enum, default_value = "auto")]
+    file_backend: controller::FileBackendChoice,
+}
+
+fn file_options(args: FileArgs, home: Option<String>) -> controller::FileOptions {
+    let home = home.or_else(|| std::env::var("HOME").ok()).unwrap_or_else(|| "/root".into());
+    controller::FileOptions { home: PathBuf::from(home), backend: args.file_backend }
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Attach { cgroup: name, policy, mode, events, rotation, syslog, metrics_addr } => {
+        Command::Attach { cgroup: name, policy, mode, events, rotation, syslog, metrics_addr, files, agent_user } => {
             let policy_file = policy;
             let (policy, _) = load_policy(&policy_file, mode)?;
             let mount = cgroup::cgroup2_mount()?;
             let path = cgroup::resolve(&mount, &name)?;
             let sink = Sink::open(&events, rotation.rotation()).with_context(|| format!("opening events sink {events}"))?;
             let fan_out = fan_out(&events, sink, &syslog)?;
-            let mut confinement = controller::confine(&mount, &path, &policy)?;
+            let agent = controller::choose_run_as(agent_user.as_deref())?;
+            let opts = file_options(files, agent.map(|a| a.home));
+            let mut confinement = controller::confine(&mount, &path, &policy, &opts)?;
             let ring = confinement.programs.take_events()?;
             let enricher = Enricher::new(&mount, &path);
+            let fanotify = controller::start_fanotify(&confinement, &mount, &path, fan_out.publisher())?;
+            confinement.announce();
+            let file_enforcement = std::sync::Arc::new(std::mem::replace(&mut confinement.files, controller::FileEnforcement::None));
             runtime()?.block_on(async {
                 controller::start_metrics(metrics_addr.as_deref()).await?;
-                tokio::spawn(controller::reload_on_hangup(mount.clone(), path.clone(), policy_file, mode));
-                controller::stream_events(ring, enricher, fan_out, controller::terminated()).await
+                tokio::spawn(controller::reload_on_hangup(mount.clone(), path.clone(), policy_file, mode, opts, file_enforcement));
+                controller::stream_events(ring, enricher, fan_out, async {
+                    controller::terminated().await;
+                    // File rules enforced here end with the controller; say so first.
+                    if fanotify.is_some() {
+                        tracing::warn!("file rules were enforced by fanotify in this controller and stop with it");
+                    }
+                    drop(fanotify);
+                })
+                .await
             })?;
             info!(cgroup = %confinement.display, "controller stopping; enforcement stays in force until `enforcer detach`");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { policy, mode, events, rotation, syslog, user, metrics_addr, command } => {
+        Command::Run { policy, mode, events, rotation, syslog, user, metrics_addr, files, command } => {
             let (policy, _) = load_policy(&policy, mode)?;
             let run_as = controller::choose_run_as(user.as_deref())?;
             let mount = cgroup::cgroup2_mount()?;
@@ -244,7 +279,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             };
             let fan_out = fan_out(events.as_deref().unwrap_or("stderr"), sink, &syslog)?;
-            let mut confinement = match controller::confine(&mount, &path, &policy) {
+            let opts = file_options(files, run_as.as_ref().map(|r| r.home.clone()));
+            let mut confinement = match controller::confine(&mount, &path, &policy, &opts) {
                 Ok(c) => c,
                 Err(e) => {
                     controller::remove_run_cgroup(&path);
@@ -254,6 +290,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let outcome = (|| -> anyhow::Result<i32> {
                 let ring = confinement.programs.take_events()?;
                 let enricher = Enricher::new(&mount, &path);
+                let fanotify = controller::start_fanotify(&confinement, &mount, &path, fan_out.publisher())?;
+                confinement.announce();
                 let mut child = controller::spawn_confined(&path, &command, run_as.as_ref())?;
                 let pid = child.id();
                 runtime()?.block_on(async {
@@ -274,6 +312,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                                 }
                             }
                         }
+                        drop(fanotify);
                     };
                     controller::stream_events(ring, enricher, fan_out, stop).await?;
                     let status = status.context("lost the command's exit status")?.context("waiting for the command")?;
@@ -434,6 +473,7 @@ fn describe(p: &probe::Probe) -> String {
         probe::Probe::TcpFastOpen(a) => format!("tfo:{a}"),
         probe::Probe::Raw => "raw".into(),
         probe::Probe::Icmp => "icmp".into(),
+        probe::Probe::Reopen(p) => format!("reopen:{}", p.display()),
     }
 }
 

@@ -408,17 +408,55 @@ impl<'de> Deserialize<'de> for BurstSetting {
     }
 }
 
-/// Sections the schema reserves for features that have not landed: refused with a
-/// message that says so, rather than as an unknown field.
-struct NotYet;
+/// A path from `spec.files`: absolute, or `~` / `~/...` for the agent's home.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PolicyPath(String);
 
-impl<'de> Deserialize<'de> for NotYet {
+impl<'de> Deserialize<'de> for PolicyPath {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        serde::de::IgnoredAny::deserialize(d)?;
-        Err(de::Error::custom(
-            "section \"files\" is not supported yet: file rules arrive with BPF-LSM file-access enforcement",
-        ))
+        let text = String::deserialize(d)?;
+        check_policy_path(&text).map_err(de::Error::custom)?;
+        Ok(PolicyPath(text.trim_end_matches('/').to_string()).normalized())
     }
+}
+
+impl PolicyPath {
+    /// "/" stays "/", "~/" becomes "~".
+    fn normalized(self) -> Self {
+        if self.0.is_empty() { PolicyPath("/".into()) } else { self }
+    }
+}
+
+/// Paths are compiled against the filesystem later; here only their shape is checked.
+fn check_policy_path(text: &str) -> Result<(), String> {
+    if !(text.starts_with('/') || text == "~" || text.starts_with("~/")) {
+        return Err(format!("path {text:?} must be absolute or start with ~/ (the agent's home)"));
+    }
+    if text.contains('\0') {
+        return Err(format!("path {text:?} contains a NUL byte"));
+    }
+    if let Some(bad) = text.split('/').find(|c| *c == "." || *c == "..") {
+        return Err(format!("path {text:?} contains {bad:?}: write the path it means"));
+    }
+    if let Some(long) = text.split('/').find(|c| c.len() > 255) {
+        return Err(format!("path {text:?} has a component of {} bytes (at most 255)", long.len()));
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFiles {
+    #[serde(default)]
+    default: Action,
+    #[serde(default)]
+    read: Vec<PolicyPath>,
+    #[serde(default)]
+    write: Vec<PolicyPath>,
+    #[serde(default)]
+    exec: Vec<PolicyPath>,
+    #[serde(default)]
+    deny: Vec<PolicyPath>,
 }
 
 #[derive(Default, Deserialize)]
@@ -432,9 +470,8 @@ struct RawSpec {
     audit: RawAudit,
     #[serde(default)]
     alerts: Option<RawAlerts>,
-    /// Refused while deserializing; never read.
-    #[serde(default, rename = "files")]
-    _files: Option<NotYet>,
+    #[serde(default)]
+    files: Option<RawFiles>,
 }
 
 #[derive(Deserialize)]
@@ -484,7 +521,70 @@ pub struct Policy {
     pub log_allowed: bool,
     #[serde(default)]
     pub alerts: Alerts,
+    /// `spec.files`; None = the policy says nothing about files (nothing is judged).
+    #[serde(default)]
+    pub files: Option<FilePolicy>,
 }
+
+/// File-access capabilities. A path covers itself and everything beneath it; `write`
+/// implies read; deny wins at any depth; otherwise the nearest listed ancestor decides,
+/// and a listed path also grants what its listed ancestors grant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilePolicy {
+    pub default: Action,
+    /// (list, path) in policy order: the list is "read", "write", "exec" or "deny"; the
+    /// path is as written (`~` not yet expanded). The index is the rule id in events.
+    pub rules: Vec<FileRule>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRule {
+    pub list: FileList,
+    pub path: String,
+    /// CLOCK_BOOTTIME ns when a grant lapses; 0 = never.
+    #[serde(default)]
+    pub expires_at: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileList {
+    Read,
+    Write,
+    Exec,
+    Deny,
+}
+
+impl FileList {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Write => "write",
+            Self::Exec => "exec",
+            Self::Deny => "deny",
+        }
+    }
+    /// Access bits a listed path grants (deny grants none).
+    pub fn grants(self) -> u8 {
+        use enforcer_common::access;
+        match self {
+            Self::Read => access::READ,
+            Self::Write => access::READ | access::WRITE,
+            Self::Exec => access::EXEC,
+            Self::Deny => 0,
+        }
+    }
+}
+
+impl FileRule {
+    /// What events and `status` show: `deny:~/.ssh`.
+    pub fn name(&self) -> String {
+        format!("{}:{}", self.list.name(), self.path)
+    }
+}
+
+/// Most file rules one policy may list (rule ids must fit the kernel's u16 rule field).
+pub const MAX_FILE_RULES: usize = 4096;
 
 /// Detection rules: what makes an `event.kind: alert`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -608,6 +708,21 @@ pub fn parse_policy_str(text: &str, origin: &str) -> Result<Policy, PolicyError>
             icmp: network.icmp,
         },
         log_allowed: raw.spec.audit.log_allowed,
+        files: match raw.spec.files {
+            None => None,
+            Some(f) => {
+                let mut rules = Vec::new();
+                for (list, paths) in
+                    [(FileList::Read, f.read), (FileList::Write, f.write), (FileList::Exec, f.exec), (FileList::Deny, f.deny)]
+                {
+                    rules.extend(paths.into_iter().map(|p| FileRule { list, path: p.0, expires_at: 0 }));
+                }
+                if rules.len() > MAX_FILE_RULES {
+                    return Err(invalid(1, 1, format!("{} file rules: at most {MAX_FILE_RULES} are supported", rules.len())));
+                }
+                Some(FilePolicy { default: f.default, rules })
+            }
+        },
         alerts: match raw.spec.alerts {
             None => Alerts::default(),
             Some(a) => Alerts {
@@ -719,7 +834,11 @@ mod tests {
             (with_network("    allow:\n      - ip: 127.0.0.1\n        protocols: [icmp]\n"), 9, 21, "unknown variant `icmp`"),
             (with_network("    allow:\n      - ip: 127.0.0.1\n        protocols: []\n"), 8, 7, "protocols: is empty"),
             (with_network("    allow:\n      - domain: api.example.com\n"), 8, 17, "domain rules (\"api.example.com\") are not supported yet"),
-            (format!("{HEAD}  files:\n    read: [/usr]\n"), 6, 3, "section \"files\" is not supported yet"),
+            (format!("{HEAD}  files:\n    read: [usr/lib]\n"), 7, 12, "path \"usr/lib\" must be absolute"),
+            (format!("{HEAD}  files:\n    deny: [\"~/a/../.ssh\"]\n"), 7, 13, "contains \"..\""),
+            (format!("{HEAD}  files:\n    default: maybe\n"), 7, 14, "unknown variant `maybe`"),
+            (format!("{HEAD}  files:\n    raed: [/usr]\n"), 7, 5, "unknown field `raed`"),
+            (format!("{HEAD}  files:\n    read: /usr\n"), 7, 11, "expected a sequence"),
             (with_network("    allow:\n      - ip: 127.0.0.1/32\n"), 8, 13, "must be one address"),
             (with_network("    allow:\n      - ip: 127.0.0.1\n        port: [80]\n"), 9, 9, "unknown field `port`"),
             ("just text\n".into(), 1, 1, "expected struct"),

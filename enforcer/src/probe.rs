@@ -23,6 +23,9 @@ pub enum Probe {
     Raw,
     /// socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP): a "ping" socket.
     Icmp,
+    /// Open a file with O_PATH (no access asked), then read it through
+    /// /proc/self/fd/N: the re-open must be judged like a direct open.
+    Reopen(std::path::PathBuf),
 }
 
 impl std::str::FromStr for Probe {
@@ -32,6 +35,9 @@ impl std::str::FromStr for Probe {
             "raw" => return Ok(Self::Raw),
             "icmp" => return Ok(Self::Icmp),
             _ => {}
+        }
+        if let Some(path) = s.strip_prefix("reopen:") {
+            return Ok(Self::Reopen(path.into()));
         }
         let (kind, addr) = s
             .split_once(':')
@@ -89,6 +95,11 @@ pub fn run(probe: &Probe) -> io::Result<()> {
         Probe::TcpFastOpen(addr) => tcp_fast_open(addr),
         Probe::Raw => open_close(libc::SOCK_RAW),
         Probe::Icmp => open_close(libc::SOCK_DGRAM),
+        Probe::Reopen(path) => {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let handle = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_PATH).open(path)?;
+            std::fs::read(format!("/proc/self/fd/{}", handle.as_raw_fd())).map(|_| ())
+        }
     }
 }
 

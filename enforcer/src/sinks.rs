@@ -63,6 +63,14 @@ pub fn sink_counts() -> Vec<(String, u64, u64)> {
         .collect()
 }
 
+/// Counts an event dropped before reaching the sinks (a full internal queue), under
+/// `name` in the same table as the sinks' own drops.
+pub fn count_dropped(name: &str) {
+    let mut table = counters().lock().expect("counters lock");
+    let entry = table.entry(name.to_string()).or_insert_with(|| (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))));
+    entry.1.fetch_add(1, Ordering::Relaxed);
+}
+
 /// Where syslog messages go.
 #[derive(Clone, Debug)]
 pub enum SyslogTarget {
@@ -186,9 +194,30 @@ impl FanOut {
         Ok(())
     }
 
+    /// A handle that queues events from another thread (the fanotify backend). Drop it
+    /// before `finish`, which waits for the queues to close.
+    pub fn publisher(&self) -> Publisher {
+        Publisher(self.queues.clone())
+    }
+
     /// Queues an event for every sink; never blocks.
     pub fn publish(&self, event: Outgoing) {
-        let Some(((last_tx, last_dropped), rest)) = self.queues.split_last() else { return };
+        publish_to(&self.queues, event)
+    }
+}
+
+#[derive(Clone)]
+pub struct Publisher(Vec<(SyncSender<Outgoing>, Arc<AtomicU64>)>);
+
+impl Publisher {
+    pub fn publish(&self, event: Outgoing) {
+        publish_to(&self.0, event)
+    }
+}
+
+fn publish_to(queues: &[(SyncSender<Outgoing>, Arc<AtomicU64>)], event: Outgoing) {
+    {
+        let Some(((last_tx, last_dropped), rest)) = queues.split_last() else { return };
         for (tx, dropped) in rest {
             if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(event.clone()) {
                 dropped.fetch_add(1, Ordering::Relaxed);
@@ -198,7 +227,9 @@ impl FanOut {
             last_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
 
+impl FanOut {
     /// Lets the sinks write what is queued, then stops them.
     pub fn finish(self) {
         drop(self.queues);

@@ -1,0 +1,449 @@
+//! File-access programs (BPF-LSM): `file_open`, `bprm_check_security`, `mmap_file`
+//! with PROT_EXEC, the `path_*` tree-change hooks and `d_instantiate`.
+//!
+//! LSM programs run for every task on the machine, so each attach loads its own set
+//! (like the socket programs) and a set first asks whether the caller sits in its
+//! cgroup: one array lookup and one helper call for tasks it does not govern.
+//!
+//! A file is judged by (device, inode) of itself and each ancestor, nearest first,
+//! walking `d_parent` and crossing mounts at filesystem roots. Bind mounts, symlinks,
+//! hard links (the compiler lists hard-linked files of denied trees) and
+//! `/proc/self/fd` re-opens all land on the same inodes. Struct offsets come from the
+//! running kernel's BTF (`ENF_OFFSETS`), set by the loader.
+use aya_ebpf::{
+    Global,
+    helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes},
+    helpers::generated::bpf_get_current_ancestor_cgroup_id,
+    macros::lsm,
+    programs::LsmContext,
+};
+use enforcer_common::{
+    FileEntry, FileKey, KernelOffsets, PendingKey, RULE_FAIL_CLOSED, access, change, counter, hook,
+    limits, mode, verdict,
+};
+
+use crate::{
+    emit::{self, FileDecision},
+    maps::{ENF_BINDINGS, ENF_FILES, ENF_PENDING, ENF_PENDING_SCRATCH, ENF_POLICIES},
+    policy::ENF_BINDING,
+};
+
+/// Offsets into the running kernel's structs (`names::GLOBAL_OFFSETS`).
+#[unsafe(no_mangle)]
+static ENF_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
+    file_f_path_dentry: 0,
+    file_f_path_mnt: 0,
+    file_f_mode: 0,
+    path_dentry: 0,
+    path_mnt: 0,
+    dentry_d_parent: 0,
+    dentry_d_inode: 0,
+    dentry_d_name_name: 0,
+    inode_i_ino: 0,
+    inode_i_sb: 0,
+    super_block_s_dev: 0,
+    mount_mnt: 0,
+    mount_mnt_parent: 0,
+    mount_mnt_mountpoint: 0,
+    linux_binprm_file: 0,
+    valid: 0,
+});
+
+/// cgroup level of this set's attach point (`names::GLOBAL_CGROUP_LEVEL`).
+#[unsafe(no_mangle)]
+static ENF_CGROUP_LEVEL: Global<u32> = Global::new(0);
+
+const EACCES: i32 = 13;
+const FMODE_READ: u32 = 1 << 0;
+const FMODE_WRITE: u32 = 1 << 1;
+const FMODE_EXEC: u32 = 1 << 5;
+const PROT_EXEC: u64 = 4;
+
+type Ptr = *const u8;
+
+#[inline(always)]
+fn read_ptr(base: Ptr, offset: u32) -> Ptr {
+    unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const Ptr) }.unwrap_or(core::ptr::null())
+}
+
+#[inline(always)]
+fn read_u32(base: Ptr, offset: u32) -> u32 {
+    unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const u32) }.unwrap_or(0)
+}
+
+#[inline(always)]
+fn read_u64(base: Ptr, offset: u32) -> u64 {
+    unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const u64) }.unwrap_or(0)
+}
+
+/// The policy slot governing the caller, if the caller sits in this set's cgroup and
+/// the policy judges files. `Err` = governed but broken: fail closed.
+struct Governed {
+    slot: u32,
+    audit: bool,
+    log_allowed: bool,
+    default_grants: u8,
+}
+
+#[inline(always)]
+fn governed() -> Option<Result<Governed, u32>> {
+    let binding = ENF_BINDINGS.get(ENF_BINDING.load())?;
+    if binding.cgroup_id == 0 {
+        return None;
+    }
+    let level = ENF_CGROUP_LEVEL.load();
+    if unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) } != binding.cgroup_id {
+        return None;
+    }
+    let slot = binding.slot;
+    if slot == 0 || slot >= limits::MAX_POLICY_SLOTS || ENF_OFFSETS.load().valid == 0 {
+        return Some(Err(slot));
+    }
+    match ENF_POLICIES.get(slot) {
+        Some(c) if c.in_use != 0 => {
+            if c.files_enabled == 0 {
+                return None;
+            }
+            Some(Ok(Governed {
+                slot,
+                audit: c.mode == mode::AUDIT,
+                log_allowed: c.log_allowed != 0,
+                default_grants: c.files_default,
+            }))
+        }
+        _ => Some(Err(slot)),
+    }
+}
+
+enum Walk {
+    Listed(FileEntry),
+    Unlisted,
+    /// Deeper than `MAX_PATH_DEPTH`: fail closed.
+    TooDeep,
+}
+
+/// The nearest listed ancestor-or-self of `dentry` (seen through `vfsmount`).
+#[inline(always)]
+fn nearest_listed(o: &KernelOffsets, slot: u32, mut dentry: Ptr, mut vfsmount: Ptr) -> Walk {
+    let mut i = 0;
+    while i < limits::MAX_PATH_DEPTH {
+        i += 1;
+        if dentry.is_null() {
+            return Walk::Unlisted;
+        }
+        let inode = read_ptr(dentry, o.dentry_d_inode);
+        if !inode.is_null() {
+            let sb = read_ptr(inode, o.inode_i_sb);
+            let key = FileKey { ino: read_u64(inode, o.inode_i_ino), dev: read_u32(sb, o.super_block_s_dev), slot };
+            if let Some(entry) = unsafe { ENF_FILES.get(&key) } {
+                return Walk::Listed(*entry);
+            }
+        }
+        let parent = read_ptr(dentry, o.dentry_d_parent);
+        if parent != dentry {
+            dentry = parent;
+            continue;
+        }
+        // The root of a filesystem: continue at its mount point in the parent mount.
+        if vfsmount.is_null() {
+            return Walk::Unlisted;
+        }
+        let mount = unsafe { vfsmount.sub(o.mount_mnt as usize) };
+        let parent_mount = read_ptr(mount, o.mount_mnt_parent);
+        if parent_mount.is_null() || parent_mount == mount {
+            return Walk::Unlisted;
+        }
+        dentry = read_ptr(mount, o.mount_mnt_mountpoint);
+        vfsmount = unsafe { parent_mount.add(o.mount_mnt as usize) };
+    }
+    Walk::TooDeep
+}
+
+/// Judges `requested` access to the file at (dentry, vfsmount) for the caller.
+/// Returns 0 or -EACCES.
+#[inline(always)]
+fn judge(dentry: Ptr, vfsmount: Ptr, requested: u8, hook_id: u8, change_kind: u8) -> i32 {
+    let g = match governed() {
+        None => return 0,
+        Some(Ok(g)) => g,
+        Some(Err(slot)) => {
+            emit::count(counter::MISSING_POLICY);
+            emit::count_decision(slot, hook_id, verdict::DENY);
+            return -EACCES;
+        }
+    };
+    let o = ENF_OFFSETS.load();
+    let (allowed, rule_id) = match nearest_listed(&o, g.slot, dentry, vfsmount) {
+        Walk::Listed(e) => (e.deny == 0 && e.allow & requested == requested, e.rule_id as u32),
+        Walk::Unlisted => (g.default_grants & requested == requested, 0),
+        Walk::TooDeep => (false, RULE_FAIL_CLOSED),
+    };
+    let v = if allowed {
+        verdict::ALLOW
+    } else if g.audit && rule_id != RULE_FAIL_CLOSED {
+        verdict::AUDIT_DENY
+    } else {
+        verdict::DENY
+    };
+    emit::count_decision(g.slot, hook_id, v);
+    if v != verdict::ALLOW || g.log_allowed {
+        let d = FileDecision { slot: g.slot, rule_id, hook: hook_id, verdict: v, requested, change: change_kind };
+        emit::emit_file_event(&d, &o, dentry, vfsmount);
+    }
+    if v == verdict::DENY { -EACCES } else { 0 }
+}
+
+/// An earlier LSM program's denial stands.
+#[inline(always)]
+fn earlier(ctx: &LsmContext, ret_arg: usize) -> Option<i32> {
+    let ret: i32 = ctx.arg(ret_arg);
+    if ret != 0 { Some(ret) } else { None }
+}
+
+#[lsm(hook = "file_open")]
+pub fn enf_file_open(ctx: LsmContext) -> i32 {
+    if let Some(ret) = earlier(&ctx, 1) {
+        return ret;
+    }
+    let file: Ptr = ctx.arg(0);
+    let o = ENF_OFFSETS.load();
+    let f_mode = read_u32(file, o.file_f_mode);
+    // execve's own open is judged as exec by bprm_check_security.
+    if f_mode & FMODE_EXEC != 0 {
+        return 0;
+    }
+    let mut requested = 0;
+    if f_mode & FMODE_READ != 0 {
+        requested |= access::READ;
+    }
+    if f_mode & FMODE_WRITE != 0 {
+        requested |= access::WRITE;
+    }
+    if requested == 0 {
+        return 0;
+    }
+    judge(read_ptr(file, o.file_f_path_dentry), read_ptr(file, o.file_f_path_mnt), requested, hook::FILE_OPEN, change::NONE)
+}
+
+#[lsm(hook = "bprm_check_security")]
+pub fn enf_bprm_check(ctx: LsmContext) -> i32 {
+    if let Some(ret) = earlier(&ctx, 1) {
+        return ret;
+    }
+    let bprm: Ptr = ctx.arg(0);
+    let o = ENF_OFFSETS.load();
+    let file = read_ptr(bprm, o.linux_binprm_file);
+    if file.is_null() {
+        return 0;
+    }
+    judge(read_ptr(file, o.file_f_path_dentry), read_ptr(file, o.file_f_path_mnt), access::EXEC, hook::FILE_EXEC, change::NONE)
+}
+
+/// Executable mappings need exec: `ld.so ./binary` maps the binary without execve.
+#[lsm(hook = "mmap_file")]
+pub fn enf_mmap_file(ctx: LsmContext) -> i32 {
+    if let Some(ret) = earlier(&ctx, 4) {
+        return ret;
+    }
+    let file: Ptr = ctx.arg(0);
+    let prot: u64 = ctx.arg(2);
+    if file.is_null() || prot & PROT_EXEC == 0 {
+        return 0;
+    }
+    let o = ENF_OFFSETS.load();
+    judge(read_ptr(file, o.file_f_path_dentry), read_ptr(file, o.file_f_path_mnt), access::EXEC, hook::FILE_MMAP, change::NONE)
+}
+
+/// Write access to the tree at `path` (a `struct path *`).
+#[inline(always)]
+fn judge_path_write(path: Ptr, change_kind: u8) -> i32 {
+    let o = ENF_OFFSETS.load();
+    judge(read_ptr(path, o.path_dentry), read_ptr(path, o.path_mnt), access::WRITE, hook::FILE_CHANGE, change_kind)
+}
+
+/// Write access to an existing entry `dentry` inside the directory `dir` (same mount).
+#[inline(always)]
+fn judge_entry_write(dir: Ptr, dentry: Ptr, change_kind: u8) -> i32 {
+    let o = ENF_OFFSETS.load();
+    judge(dentry, read_ptr(dir, o.path_mnt), access::WRITE, hook::FILE_CHANGE, change_kind)
+}
+
+#[lsm(hook = "path_mknod")]
+pub fn enf_path_mknod(ctx: LsmContext) -> i32 {
+    if let Some(ret) = earlier(&ctx, 4) {
+        return ret;
+    }
+    judge_path_write(ctx.arg(0), change::CREATE)
+}
+
+#[lsm(hook = "path_mkdir")]
+pub fn enf_path_mkdir(ctx: LsmContext) -> i32 {
+    if let Some(ret) = earlier(&ctx, 3) {
+        return ret;
+    }
+    judge_path_write(ctx.arg(0), change::MKDIR)
+}
+
+#[lsm(hook = "path_symlink")]
+pub fn enf_path_symlink(ctx: LsmContext) -> i32 {
+    if let Some(ret) = earlier(&ctx, 3) {
+        return ret;
+    }
+    judge_path_write(ctx.arg(0), change::SYMLINK)
+}
+
+#[lsm(hook = "path_rmdir")]
+pub fn enf_path_rmdir(ctx: LsmContext) -> i32 {
+    if let Some(ret) = earlier(&ctx, 2) {
+        return ret;
+    }
+    let ret = judge_path_write(ctx.arg(0), change::RMDIR);
+    if ret != 0 {
+        return ret;
+    }
+    judge_entry_write(ctx.arg(0), ctx.arg(1), change::RMDIR)
+}
+
+#[lsm(hook = "path_unlink")]
+pub fn enf_path_unlink(ctx: LsmContext) -> i32 {
+    if let Some(ret) = earlier(&ctx, 2) {
+        return ret;
+    }
+    let ret = judge_path_write(ctx.arg(0), change::UNLINK);
+    if ret != 0 {
+        return ret;
+    }
+    judge_entry_write(ctx.arg(0), ctx.arg(1), change::UNLINK)
+}
+
+/// A hard link needs write on the linked file's tree and on the new directory. A link
+/// onto a protected name that does not exist yet lists the linked inode.
+#[lsm(hook = "path_link")]
+pub fn enf_path_link(ctx: LsmContext) -> i32 {
+    if let Some(ret) = earlier(&ctx, 3) {
+        return ret;
+    }
+    let old_dentry: Ptr = ctx.arg(0);
+    let new_dir: Ptr = ctx.arg(1);
+    let new_dentry: Ptr = ctx.arg(2);
+    let ret = judge_entry_write(new_dir, old_dentry, change::LINK);
+    if ret != 0 {
+        return ret;
+    }
+    let ret = judge_path_write(new_dir, change::LINK);
+    if ret == 0 {
+        let o = ENF_OFFSETS.load();
+        adopt_pending(&o, new_dentry, read_ptr(old_dentry, o.dentry_d_inode));
+    }
+    ret
+}
+
+/// A rename needs write on both directories and on the moved entry.
+#[lsm(hook = "path_rename")]
+pub fn enf_path_rename(ctx: LsmContext) -> i32 {
+    if let Some(ret) = earlier(&ctx, 5) {
+        return ret;
+    }
+    let old_dir: Ptr = ctx.arg(0);
+    let old_dentry: Ptr = ctx.arg(1);
+    let new_dir: Ptr = ctx.arg(2);
+    let new_dentry: Ptr = ctx.arg(3);
+    let mut ret = judge_path_write(old_dir, change::RENAME);
+    if ret == 0 {
+        ret = judge_entry_write(old_dir, old_dentry, change::RENAME);
+    }
+    if ret == 0 {
+        ret = judge_path_write(new_dir, change::RENAME);
+    }
+    if ret == 0 {
+        let o = ENF_OFFSETS.load();
+        adopt_pending(&o, new_dentry, read_ptr(old_dentry, o.dentry_d_inode));
+    }
+    ret
+}
+
+#[lsm(hook = "path_truncate")]
+pub fn enf_path_truncate(ctx: LsmContext) -> i32 {
+    if let Some(ret) = earlier(&ctx, 1) {
+        return ret;
+    }
+    judge_path_write(ctx.arg(0), change::TRUNCATE)
+}
+
+#[lsm(hook = "path_chmod")]
+pub fn enf_path_chmod(ctx: LsmContext) -> i32 {
+    if let Some(ret) = earlier(&ctx, 2) {
+        return ret;
+    }
+    judge_path_write(ctx.arg(0), change::CHMOD)
+}
+
+#[lsm(hook = "path_chown")]
+pub fn enf_path_chown(ctx: LsmContext) -> i32 {
+    if let Some(ret) = earlier(&ctx, 3) {
+        return ret;
+    }
+    judge_path_write(ctx.arg(0), change::CHOWN)
+}
+
+/// A dentry gets its inode (created, or first looked up): if its name is a listed path
+/// that did not exist at compile time, list the inode now, in the kernel, so that the
+/// path is protected from its first moment even with no controller running.
+#[lsm(hook = "d_instantiate")]
+pub fn enf_d_instantiate(ctx: LsmContext) -> i32 {
+    let o = ENF_OFFSETS.load();
+    if o.valid != 0 {
+        adopt_pending(&o, ctx.arg(0), ctx.arg(1));
+    }
+    0
+}
+
+/// If (parent of `dentry`, name of `dentry`) is pending for this set's slot, list
+/// `inode` (or its next pending component).
+#[inline(always)]
+fn adopt_pending(o: &KernelOffsets, dentry: Ptr, inode: Ptr) {
+    if dentry.is_null() || inode.is_null() {
+        return;
+    }
+    let Some(binding) = ENF_BINDINGS.get(ENF_BINDING.load()) else { return };
+    let slot = binding.slot;
+    if binding.cgroup_id == 0 || slot == 0 {
+        return;
+    }
+    let parent = read_ptr(dentry, o.dentry_d_parent);
+    let parent_inode = read_ptr(parent, o.dentry_d_inode);
+    if parent.is_null() || parent_inode.is_null() {
+        return;
+    }
+    let mut key = PendingKey {
+        parent_ino: read_u64(parent_inode, o.inode_i_ino),
+        parent_dev: read_u32(read_ptr(parent_inode, o.inode_i_sb), o.super_block_s_dev),
+        slot,
+        name: [0; limits::PENDING_NAME_LEN],
+    };
+    let name_ptr = read_ptr(dentry, o.dentry_d_name_name);
+    // Truncated to the key's length: a longer name is compared on its first bytes.
+    if unsafe { bpf_probe_read_kernel_str_bytes(name_ptr, &mut key.name[..limits::PENDING_NAME_LEN - 1]) }.is_err() {
+        return;
+    }
+    let Some(pending) = (unsafe { ENF_PENDING.get(&key) }) else { return };
+    let ino = read_u64(inode, o.inode_i_ino);
+    let dev = read_u32(read_ptr(inode, o.inode_i_sb), o.super_block_s_dev);
+    if pending.remaining == 0 {
+        let _ = ENF_FILES.insert(&FileKey { ino, dev, slot }, &pending.entry, 0);
+        return;
+    }
+    // Built in a per-CPU scratch value: key and value together exceed the BPF stack.
+    let Some(next) = ENF_PENDING_SCRATCH.get_ptr_mut(0) else { return };
+    let next = unsafe { &mut *next };
+    next.entry = pending.entry;
+    next.remaining = pending.remaining - 1;
+    next._pad = 0;
+    next.names[0] = pending.names[1];
+    next.names[1] = pending.names[2];
+    next.names[2] = [0; limits::PENDING_NAME_LEN];
+    key.parent_ino = ino;
+    key.parent_dev = dev;
+    key.name = pending.names[0];
+    let _ = ENF_PENDING.insert(&key, next, 0);
+}

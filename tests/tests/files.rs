@@ -1,0 +1,253 @@
+//! File-access rules against the real kernel, with whichever backend `enforcer doctor`
+//! says attach uses here: BPF-LSM (in the QEMU VM on stock kernels) or fanotify (this
+//! machine's kernel refuses LSM programs). Where the backends differ, each test asserts
+//! what its backend guarantees; the differences are documented in the README.
+use std::{
+    collections::HashMap,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use enforcer_tests::*;
+
+/// The file backend attach picks on this machine.
+fn backend() -> String {
+    let out = enforcer(&["doctor", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("doctor --json");
+    report["attach"]["files"].as_str().expect("attach.files").to_string()
+}
+
+fn lsm() -> bool {
+    backend() == "bpf-lsm"
+}
+
+/// A scratch tree removed on drop (bind mounts under it are unmounted first).
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("enforcer-files-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        Self(dir.canonicalize().unwrap())
+    }
+    fn file(&self, rel: &str, contents: &str) -> PathBuf {
+        let p = self.0.join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, contents).unwrap();
+        p
+    }
+    fn p(&self, rel: &str) -> String {
+        self.0.join(rel).display().to_string()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.0.join("bind")).stderr(std::process::Stdio::null()).status();
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A policy with network allowed and the given `spec.files` body (indented 4).
+fn files_policy(mode: &str, files: &str, root: &Path) -> TempFile {
+    TempFile::with(
+        "files.yaml",
+        &format!(
+            "apiVersion: enforcer/v1\nkind: AgentPolicy\nmetadata:\n  name: files-test\nspec:\n  mode: {mode}\n  network:\n    default: allow\n  files:\n{}",
+            files.replace("ROOT", root.to_str().unwrap())
+        ),
+    )
+}
+
+/// Runs each (name, shell command) in the cgroup; true where the command succeeded.
+fn try_in(cgroup: &Path, steps: &[(&str, String)]) -> HashMap<String, bool> {
+    let script: String = steps
+        .iter()
+        .map(|(name, cmd)| format!("if {cmd} >/dev/null 2>&1; then echo {name}=ok; else echo {name}=denied; fi\n"))
+        .collect();
+    let out = command_in(cgroup, Path::new("/bin/sh")).arg("-c").arg(&script).output().expect("sh");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let results: HashMap<String, bool> = text
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(n, r)| (n.to_string(), r == "ok"))
+        .collect();
+    assert_eq!(results.len(), steps.len(), "one line per step:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    results
+}
+
+fn expect(results: &HashMap<String, bool>, expected: &[(&str, bool)]) {
+    let wrong: Vec<String> = expected
+        .iter()
+        .filter(|(n, ok)| results[*n] != *ok)
+        .map(|(n, ok)| format!("{n}: expected {}, got {}", if *ok { "ok" } else { "denied" }, if results[*n] { "ok" } else { "denied" }))
+        .collect();
+    assert!(wrong.is_empty(), "backend {}: {wrong:?} (all: {results:?})", backend());
+}
+
+#[test]
+fn reads_writes_and_denials_follow_the_tree_rules() {
+    let s = Scratch::new("rw");
+    s.file("project/src/main.rs", "fn main() {}");
+    s.file("project/out/log", "");
+    s.file("secrets/.ssh/id_ed25519", "PRIVATE");
+    let cg = TestCgroup::new("files-rw");
+    let p = files_policy(
+        "enforce",
+        "    default: allow\n    read: [ROOT/project]\n    write: [ROOT/project/out]\n    deny: [ROOT/secrets/.ssh]\n",
+        &s.0,
+    );
+    let c = Controller::attach(cg.arg(), &p, &[]);
+    let r = try_in(
+        &cg.path,
+        &[
+            ("read_allowed", format!("cat {}", s.p("project/src/main.rs"))),
+            ("read_denied", format!("cat {}", s.p("secrets/.ssh/id_ed25519"))),
+            ("write_read_only", format!("sh -c 'echo x >> {}'", s.p("project/src/main.rs"))),
+            ("write_allowed", format!("sh -c 'echo x >> {}'", s.p("project/out/log"))),
+            ("list_denied_dir", format!("ls {}", s.p("secrets/.ssh"))),
+        ],
+    );
+    expect(&r, &[("read_allowed", true), ("read_denied", false), ("write_read_only", false), ("write_allowed", true), ("list_denied_dir", false)]);
+    let ev = c.wait_event("the denied read", |e| {
+        e["file"]["path"] == s.p("secrets/.ssh/id_ed25519") && e["enforcer"]["verdict"] == "deny"
+    });
+    assert_eq!(ev["event"]["action"], "file-open");
+    assert_eq!(ev["rule"]["name"], format!("deny:{}", s.p("secrets/.ssh")));
+    assert_eq!(ev["enforcer"]["access"], serde_json::json!(["read"]));
+    assert!(ev["file"]["inode"].as_u64().unwrap() > 0, "{ev}");
+    let ev = c.wait_event("the denied write", |e| e["file"]["path"] == s.p("project/src/main.rs"));
+    assert_eq!(ev["event"]["action"], "file-write");
+    assert_eq!(ev["rule"]["name"], format!("read:{}", s.p("project")));
+}
+
+#[test]
+fn tree_changes_need_write_access() {
+    let s = Scratch::new("tree");
+    s.file("ro/keep", "k");
+    s.file("ro/sub/x", "x");
+    s.file("rw/a", "a");
+    let cg = TestCgroup::new("files-tree");
+    let p = files_policy("enforce", "    default: allow\n    read: [ROOT/ro]\n    write: [ROOT/rw]\n", &s.0);
+    let _c = Controller::attach(cg.arg(), &p, &[]);
+    let r = try_in(
+        &cg.path,
+        &[
+            ("mkdir", format!("mkdir {}", s.p("ro/new"))),
+            ("rename_in", format!("mv {} {}", s.p("rw/a"), s.p("ro/a"))),
+            ("rename_out", format!("mv {} {}", s.p("ro/keep"), s.p("rw/keep"))),
+            ("unlink", format!("rm {}", s.p("ro/sub/x"))),
+            ("link", format!("ln {} {}", s.p("ro/keep"), s.p("rw/hard"))),
+            ("symlink", format!("ln -s /etc/hostname {}", s.p("ro/sym"))),
+            ("rmdir", format!("rm -r {}", s.p("ro/sub"))),
+            ("chmod", format!("chmod 600 {}", s.p("ro/keep"))),
+            ("create_in_rw", format!("touch {}", s.p("rw/new"))),
+        ],
+    );
+    if lsm() {
+        expect(
+            &r,
+            &[("mkdir", false), ("rename_in", false), ("rename_out", false), ("unlink", false), ("link", false),
+              ("symlink", false), ("rmdir", false), ("chmod", false), ("create_in_rw", true)],
+        );
+    } else {
+        // fanotify judges opens only: tree changes are not seen (README: backends).
+        expect(&r, &[("unlink", true), ("create_in_rw", true)]);
+    }
+}
+
+#[test]
+fn exec_needs_exec_access_including_through_the_dynamic_loader() {
+    let s = Scratch::new("exec");
+    let tool = s.0.join("downloads/tool");
+    fs::create_dir_all(tool.parent().unwrap()).unwrap();
+    fs::copy(enforcer_bin(), &tool).unwrap();
+    let cg = TestCgroup::new("files-exec");
+    let p = files_policy("enforce", "    default: allow\n    write: [ROOT/downloads]\n", &s.0);
+    let _c = Controller::attach(cg.arg(), &p, &[]);
+    let loader = ["/lib64/ld-linux-x86-64.so.2", "/lib/ld-linux-x86-64.so.2"]
+        .into_iter()
+        .find(|l| Path::new(l).exists())
+        .expect("a dynamic loader");
+    let r = try_in(
+        &cg.path,
+        &[
+            ("exec_outside", format!("{} --version", tool.display())),
+            ("ld_so_trick", format!("{loader} {} --version", tool.display())),
+            ("read_it", format!("cat {}", tool.display())),
+            ("exec_system", "/bin/sh -c true".to_string()),
+        ],
+    );
+    // The loader maps the binary with PROT_EXEC: mmap_file judges that; fanotify sees
+    // only a read open.
+    expect(&r, &[("exec_outside", false), ("ld_so_trick", !lsm()), ("read_it", true), ("exec_system", true)]);
+}
+
+#[test]
+fn links_bind_mounts_and_reopens_cannot_relabel_a_denied_file() {
+    let s = Scratch::new("relabel");
+    let secret = s.file("home/.aws/credentials", "KEY");
+    s.file("work/readme", "hi");
+    // A hard link made before attach: listed by inode when the deny is compiled.
+    fs::hard_link(&secret, s.0.join("work/innocent")).unwrap();
+    std::os::unix::fs::symlink(&secret, s.0.join("work/link")).unwrap();
+    fs::create_dir_all(s.0.join("bind")).unwrap();
+    let status = std::process::Command::new("mount").args(["--bind", &s.p("home/.aws"), &s.p("bind")]).status().unwrap();
+    assert!(status.success(), "bind mount");
+    let cg = TestCgroup::new("files-relabel");
+    let p = files_policy("enforce", "    default: allow\n    deny: [ROOT/home/.aws]\n", &s.0);
+    let _c = Controller::attach(cg.arg(), &p, &[]);
+    let r = try_in(
+        &cg.path,
+        &[
+            ("direct", format!("cat {}", secret.display())),
+            ("symlink", format!("cat {}", s.p("work/link"))),
+            ("hard_link", format!("cat {}", s.p("work/innocent"))),
+            ("bind_mount", format!("cat {}", s.p("bind/credentials"))),
+            ("proc_fd_reopen", format!("{} probe reopen:{} | grep -q ' ok$'", enforcer_bin().display(), secret.display())),
+            ("other_file", format!("cat {}", s.p("work/readme"))),
+        ],
+    );
+    expect(
+        &r,
+        &[("direct", false), ("symlink", false), ("hard_link", false), ("bind_mount", false), ("proc_fd_reopen", false), ("other_file", true)],
+    );
+}
+
+#[test]
+fn a_denied_path_created_after_attach_is_protected() {
+    let s = Scratch::new("later");
+    fs::create_dir_all(s.0.join("home")).unwrap();
+    let cg = TestCgroup::new("files-later");
+    let p = files_policy("enforce", "    default: allow\n    deny: [ROOT/home/.aws, ROOT/home/.config/gcloud]\n", &s.0);
+    let _c = Controller::attach(cg.arg(), &p, &[]);
+    // Created by someone outside the cgroup after the policy was compiled.
+    let creds = s.file("home/.aws/credentials", "KEY");
+    let token = s.file("home/.config/gcloud/token", "TOKEN");
+    s.file("home/.config/other", "fine");
+    let r = try_in(
+        &cg.path,
+        &[
+            ("aws", format!("cat {}", creds.display())),
+            ("gcloud", format!("cat {}", token.display())),
+            ("sibling", format!("cat {}", s.p("home/.config/other"))),
+        ],
+    );
+    expect(&r, &[("aws", false), ("gcloud", false), ("sibling", true)]);
+}
+
+#[test]
+fn processes_outside_the_cgroup_are_untouched_and_audit_mode_only_records() {
+    let s = Scratch::new("outside");
+    let secret = s.file("vault/key", "K");
+    let cg = TestCgroup::new("files-audit");
+    let p = files_policy("audit", "    default: allow\n    deny: [ROOT/vault]\n", &s.0);
+    let c = Controller::attach(cg.arg(), &p, &[]);
+    assert_eq!(fs::read_to_string(&secret).unwrap(), "K", "the test process is outside the cgroup");
+    let r = try_in(&cg.path, &[("audited_read", format!("cat {}", secret.display()))]);
+    expect(&r, &[("audited_read", true)]);
+    let ev = c.wait_event("the audited read", |e| e["file"]["path"] == secret.display().to_string());
+    assert_eq!(ev["enforcer"]["verdict"], "audit-deny", "{ev}");
+    assert_eq!(ev["policy"]["mode"], "audit");
+}
