@@ -170,7 +170,7 @@ pub fn confine(mount: &Path, path: &Path, base: &Policy, opts: &FileOptions) -> 
             }
         }
     };
-    tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "programs loaded and verified");
+    info!(elapsed_ms = started.elapsed().as_millis() as u64, files = files.name(), "programs loaded and verified");
     let mut tables = Tables::open_pinned()?;
     let had_links = loader::pinned_link_count(id) > 0;
     let slot = tables.install(binding, id, &shown, &compiled, base)?;

@@ -86,6 +86,16 @@ pub fn run() -> Value {
     checks.push(check("cgroup/connect4 program", loads(&sock_addr)));
     checks.push(check("cgroup/sock_create program", loads(&sock)));
     checks.push(check("lsm/file_open program", loads(&lsm)));
+    // Tree changes (create, unlink, rename, ...) are judged by the path_* hooks, which
+    // exist only with CONFIG_SECURITY_PATH.
+    let path_hooks = crate::btf::KernelBtf::from_running_kernel()
+        .map_err(|e| format!("{e:#}"))
+        .and_then(|btf| {
+            btf.has_func("bpf_lsm_path_mkdir")
+                .then(|| "present (CONFIG_SECURITY_PATH)".to_string())
+                .ok_or_else(|| "absent: tree changes would not be judged".to_string())
+        });
+    checks.push(check("LSM path hooks", path_hooks));
     checks.push(check("fanotify", fanotify.clone()));
 
     let file_backend = if lsm.is_ok() {
@@ -101,7 +111,11 @@ pub fn run() -> Value {
         "attach": {
             "network": network_backend,
             "files": file_backend,
-            "files_note": "file rules are not implemented yet; this is the backend they would use",
+            "files_note": match file_backend {
+                "bpf-lsm" => "in the kernel: opens, exec, executable mappings and tree changes; stays in force without a controller",
+                "fanotify" => "in the controller: opens and execs only (no tree changes, no mmap exec); ends with the controller",
+                _ => "a policy with file rules cannot be attached here",
+            },
         },
     })
 }

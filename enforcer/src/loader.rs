@@ -716,3 +716,4 @@ mod raw_bpf {
         bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
     }
 }
+

@@ -243,7 +243,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let path = cgroup::resolve(&mount, &name)?;
             let sink = Sink::open(&events, rotation.rotation()).with_context(|| format!("opening events sink {events}"))?;
             let fan_out = fan_out(&events, sink, &syslog)?;
-            let agent = controller::choose_run_as(agent_user.as_deref())?;
+            // Only `~` in file rules needs the agent's user; the caller's home otherwise.
+            let agent = match agent_user.or_else(|| std::env::var("SUDO_USER").ok()) {
+                Some(name) => Some(controller::lookup_user(&name)?),
+                None => None,
+            };
             let opts = file_options(files, agent.map(|a| a.home));
             let mut confinement = controller::confine(&mount, &path, &policy, &opts)?;
             let ring = confinement.programs.take_events()?;

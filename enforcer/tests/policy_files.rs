@@ -15,6 +15,12 @@ fn every_shipped_policy_parses_and_compiles() {
         let policy = parse_policy_file(&path).unwrap_or_else(|e| panic!("{e}"));
         let compiled = compile_policy(&policy).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert!(!compiled.rules.is_empty(), "{}: an example with no rules teaches nothing", path.display());
+        if let Some(files) = &policy.files {
+            // Against this machine's filesystem, with a home that does not exist yet:
+            // every `~` path is then pending, which must compile too.
+            let home = std::env::temp_dir().join("enforcer-policy-files-home");
+            enforcer::files::compile(files, &home).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        }
         checked += 1;
     }
     assert!(checked >= 3, "expected the shipped example policies, found {checked}");

@@ -174,10 +174,12 @@ impl Controller {
             }
         });
         let mut controller = Self { child, events, stderr_lines };
-        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+        // Longer under software emulation (the VM tests), where verification is slow.
+        let secs = std::env::var("ENFORCER_TEST_ATTACH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
+        if rx.recv_timeout(Duration::from_secs(secs)).is_err() {
             let status = controller.child.try_wait();
             panic!(
-                "enforcer attach did not report 'attached' within 30 s (exit: {status:?}); stderr:\n{}",
+                "enforcer attach did not report 'attached' within {secs} s (exit: {status:?}); stderr:\n{}",
                 controller.stderr_lines.lock().unwrap().join("\n")
             );
         }

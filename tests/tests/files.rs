@@ -83,7 +83,12 @@ fn expect(results: &HashMap<String, bool>, expected: &[(&str, bool)]) {
         .filter(|(n, ok)| results[*n] != *ok)
         .map(|(n, ok)| format!("{n}: expected {}, got {}", if *ok { "ok" } else { "denied" }, if results[*n] { "ok" } else { "denied" }))
         .collect();
-    assert!(wrong.is_empty(), "backend {}: {wrong:?} (all: {results:?})", backend());
+    if !wrong.is_empty() {
+        // What the kernel counted, per hook and verdict, tells a program that did not run
+        // from one whose denial did not take.
+        let status = enforcer(&["status", "--json"]);
+        panic!("backend {}: {wrong:?} (all: {results:?})\nstatus: {}", backend(), String::from_utf8_lossy(&status.stdout));
+    }
 }
 
 #[test]

@@ -28,6 +28,10 @@ pub fn run(iterations: u32) -> anyhow::Result<()> {
     }
     ensure!(super::is_root(), "the benchmark attaches BPF programs and needs root");
     let mount = cgroup2_mount()?;
+    // XTASK_BENCH_ONLY=files runs only the file-open part (developers iterating on it).
+    if std::env::var("XTASK_BENCH_ONLY").as_deref() == Ok("files") {
+        return files_bench(&mount);
+    }
     let base = mount.join(format!("enforcer-bench-{}", std::process::id()));
     let cgroups: Vec<PathBuf> = SETUPS.iter().map(|(name, _)| base.join(name)).collect();
     for cg in &cgroups {
@@ -43,7 +47,110 @@ pub fn run(iterations: u32) -> anyhow::Result<()> {
     let _ = fs::remove_dir(&base);
     let rows = result?;
     report(&rows);
-    events_bench(&mount)
+    events_bench(&mount)?;
+    files_bench(&mount)
+}
+
+/// Directories between the bench tree's root and the opened file.
+const FILE_DEPTH: usize = 8;
+
+/// open+close of a file 8 directories deep under a read-allowed tree, with no enforcer,
+/// then with policies of 10 and 1,000 file rules, interleaved over rounds. The backend
+/// is whatever attach picks on this machine (its name is printed).
+fn files_bench(mount: &Path) -> anyhow::Result<()> {
+    let root = std::env::temp_dir().join(format!("enforcer-bench-files-{}", std::process::id()));
+    let result = files_bench_in(mount, &root);
+    let _ = fs::remove_dir_all(&root);
+    result
+}
+
+fn files_bench_in(mount: &Path, root: &Path) -> anyhow::Result<()> {
+    let mut deep = root.join("tree");
+    for i in 0..FILE_DEPTH {
+        deep.push(format!("d{i}"));
+    }
+    fs::create_dir_all(&deep)?;
+    let file = deep.join("file");
+    fs::write(&file, "x")?;
+    let policy_with = |rules: usize| -> anyhow::Result<PathBuf> {
+        let mut yaml = String::from(
+            "apiVersion: enforcer/v1\nkind: AgentPolicy\nmetadata:\n  name: bench-files\nspec:\n  network:\n    default: allow\n  files:\n    default: allow\n    read:\n",
+        );
+        yaml.push_str(&format!("      - {}\n", root.join("tree").display()));
+        for i in 1..rules {
+            let other = root.join("other").join(format!("r{i}"));
+            fs::create_dir_all(&other)?;
+            yaml.push_str(&format!("      - {}\n", other.display()));
+        }
+        let path = root.join(format!("policy-{rules}.yaml"));
+        fs::write(&path, yaml)?;
+        Ok(path)
+    };
+    let setups = [("no enforcer", None), ("10 file rules", Some(policy_with(10)?)), ("1,000 file rules", Some(policy_with(1000)?))];
+    let cgroup = mount.join(format!("enforcer-bench-files-{}", std::process::id()));
+    fs::create_dir_all(&cgroup)?;
+    let iterations = 20_000;
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
+    let mut backend = String::from("none");
+    let outcome = (|| -> anyhow::Result<()> {
+        for _ in 0..3 {
+            for (i, (_, policy)) in setups.iter().enumerate() {
+                let controller = match policy {
+                    Some(p) => {
+                        let (child, files) = attach_reporting_files(&cgroup, p)?;
+                        backend = files;
+                        Some(child)
+                    }
+                    None => None,
+                };
+                // SAFETY: the bench is single-threaded here; the worker inherits the variable.
+                unsafe { std::env::set_var("XTASK_BENCH_FILE", &file) };
+                let ns = run_worker("open", &cgroup, iterations);
+                if let Some(mut c) = controller {
+                    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+                    let _ = c.wait();
+                    let _ = Command::new(super::enforcer_bin()).args(["detach", "--cgroup"]).arg(&cgroup).stderr(Stdio::null()).status();
+                }
+                samples[i].push(ns?);
+            }
+        }
+        Ok(())
+    })();
+    let _ = Command::new(super::enforcer_bin()).args(["detach", "--cgroup"]).arg(&cgroup).stderr(Stdio::null()).status();
+    let _ = fs::remove_dir(&cgroup);
+    outcome?;
+    let medians: Vec<f64> = samples.into_iter().map(median).collect();
+    println!("\nFile open+close, {FILE_DEPTH} directories deep, {iterations} per round, median of 3 interleaved rounds (backend: {backend}):");
+    println!("  {:<20} {:>12} {:>8}", "setup", "ns/open", "ratio");
+    for ((name, _), ns) in setups.iter().zip(&medians) {
+        println!("  {name:<20} {ns:>12.0} {:>7.2}x", ns / medians[0]);
+    }
+    Ok(())
+}
+
+/// Attaches and returns the controller with the file backend it announced.
+fn attach_reporting_files(cgroup: &Path, policy: &Path) -> anyhow::Result<(Child, String)> {
+    let mut child = Command::new(super::enforcer_bin())
+        .args(["attach", "--events", "/dev/null", "--cgroup"])
+        .arg(cgroup)
+        .arg("--policy")
+        .arg(policy)
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting enforcer attach")?;
+    let stderr = child.stderr.take().expect("piped");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let files = loop {
+        match lines.next() {
+            Some(Ok(line)) if line.contains("attached") => {
+                break ["bpf-lsm", "fanotify"].into_iter().find(|b| line.contains(b)).unwrap_or("none").to_string();
+            }
+            Some(Ok(_)) => continue,
+            _ => bail!("enforcer attach exited before attaching: {:?}", child.wait()),
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Ok((child, files))
 }
 
 /// How long the throughput bench generates events.
@@ -391,6 +498,16 @@ fn worker(kind: &str, iterations: u32) -> anyhow::Result<()> {
             }
             println!("{sent} {:.3}", start.elapsed().as_secs_f64());
             return Ok(());
+        }
+        "open" => {
+            let path = std::env::var_os("XTASK_BENCH_FILE").context("XTASK_BENCH_FILE")?;
+            for _ in 0..ROUNDS {
+                let start = Instant::now();
+                for _ in 0..iterations {
+                    drop(fs::File::open(&path).context("open denied during bench")?);
+                }
+                rounds.push(start.elapsed().as_nanos() as f64 / iterations as f64);
+            }
         }
         other => bail!("unknown bench worker {other}"),
     }

@@ -1,5 +1,5 @@
-//! Developer tasks: `cargo xtask setup | demo | test | bench`. Orchestration only: the
-//! eBPF crate is built by aya-build from enforcer/build.rs.
+//! Developer tasks: `cargo xtask setup | demo | test | vm-test | bench`. Orchestration
+//! only: the eBPF crate is built by aya-build from enforcer/build.rs.
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{TcpListener, UdpSocket},
@@ -12,6 +12,7 @@ use anyhow::{Context as _, bail, ensure};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod vm;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -30,10 +31,20 @@ enum Task {
     /// Attach policies/default.yaml to a demo cgroup, run a small agent in it that tries
     /// allowed and forbidden destinations on loopback, and print the decisions.
     Demo,
-    /// Run the whole test suite: unit tests, then the root integration tests against
-    /// the running kernel.
+    /// Run the whole test suite: unit tests, the root integration tests against the
+    /// running kernel, then the same tests in QEMU on stock kernels (see vm-test).
     Test {
         /// Only integration tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// Run the root integration tests (all but observability) inside QEMU on two stock
+    /// Debian cloud kernels, bookworm's 6.1 and trixie's 6.12, where BPF-LSM programs
+    /// load. Kernels are downloaded once into ~/.cache/enforcer/vm through a private
+    /// apt state; a busybox initramfs with enforcer and the test executables is built
+    /// on every run. The guest runs `enforcer doctor`, then the tests; per-kernel
+    /// counts are summed. Software emulation: expect several minutes per kernel.
+    VmTest {
+        /// Only tests whose name contains this.
         filter: Option<String>,
     },
     /// Measure connect() cost with no programs, an empty program, and enforcer
@@ -56,6 +67,10 @@ const APT_PACKAGES: &[&str] = &[
     "python3",
     "prometheus", // a real Prometheus scrapes --metrics-addr in the tests
     "rsyslog",    // a real syslog daemon receives --syslog in the tests
+    // vm-test: boot stock kernels (BPF-LSM) with a busybox initramfs
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
@@ -76,6 +91,16 @@ fn main() -> anyhow::Result<()> {
         Task::Test { filter } => {
             setup()?;
             test(filter.as_deref())
+        }
+        Task::VmTest { filter } => {
+            setup()?;
+            build_release()?;
+            let mut tally = Tally::default();
+            vm::run_tests(filter.as_deref(), &mut tally)?;
+            println!("xtask: {} passed, {} failed", tally.passed, tally.failed);
+            ensure!(tally.failed == 0, "{} VM test(s) failed", tally.failed);
+            ensure!(tally.passed > 0, "no test ran");
+            Ok(())
         }
         Task::Bench { iterations, event_rate } => {
             setup()?;
@@ -211,8 +236,11 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
         cmd.arg(f);
     }
     tally.run(&mut cmd)?;
+    step("integration tests in QEMU on stock kernels (BPF-LSM loads there)");
+    vm::run_tests(filter, &mut tally)?;
     // One closing line for the whole suite (cargo's own last line is a doc-test run).
     println!("xtask: {} passed, {} failed", tally.passed, tally.failed);
+    ensure!(tally.failed == 0, "{} test(s) failed", tally.failed);
     ensure!(tally.passed > 0, "no test ran");
     Ok(())
 }

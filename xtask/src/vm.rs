@@ -1,0 +1,434 @@
+//! `cargo xtask vm-test`: the root integration tests inside QEMU on stock Debian cloud
+//! kernels (6.1 and 6.12), where BPF-LSM programs load, unlike on the build machine.
+//!
+//! Kernels come from Debian's archive through a private apt state (the machine's apt
+//! sources stay untouched) and are cached; the initramfs (busybox, enforcer, the test
+//! executables and their shared libraries) is rebuilt on every run.
+use std::{
+    collections::BTreeSet,
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, ensure};
+
+use super::{Tally, enforcer_bin, run, step, workspace_root};
+
+/// Debian suites whose `linux-image-cloud-amd64` we boot: 6.1 and 6.12.
+const SUITES: &[&str] = &["bookworm", "trixie"];
+
+/// Test targets of enforcer-tests left out of the VM.
+const SKIP_TARGETS: &[&str] = &[
+    "observability", // needs a real Prometheus and rsyslog
+];
+
+/// Tests needing tools the busybox VM lacks (passed to libtest as `--skip`).
+const SKIP_TESTS: &[(&str, &str)] = &[
+    ("metrics_count_decisions", "scrapes /metrics with curl"),
+    ("events_name_the_executable_parent_and_user", "runs /usr/bin/python3"),
+];
+
+/// A stock guest is slow under TCG; a hung one must not hang the suite.
+const TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+const DONE: &str = "ENFORCER-VM-DONE";
+const EXIT_MARK: &str = "ENFORCER-VM-EXIT";
+
+struct Kernel {
+    release: String,
+    vmlinuz: PathBuf,
+}
+
+/// Removed on drop, also when a run fails.
+struct WorkDir(PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[derive(Default)]
+struct Outcome {
+    passed: u64,
+    failed: u64,
+    failures: Vec<String>,
+}
+
+pub fn run_tests(filter: Option<&str>, tally: &mut Tally) -> anyhow::Result<()> {
+    let cache = cache_dir()?;
+    let kernels = SUITES.iter().map(|s| kernel(&cache, s)).collect::<anyhow::Result<Vec<_>>>()?;
+    let tests = test_executables()?;
+    // One directory per run: two runs at once must not rebuild each other's initramfs.
+    let work = WorkDir(workspace_root().join(format!("target/vm/run-{}", std::process::id())));
+    let initrd = initramfs(&work.0, &tests, filter)?;
+    let mut results = Vec::new();
+    for k in &kernels {
+        step(&format!("booting {} under QEMU (TCG; this takes minutes)", k.release));
+        let started = Instant::now();
+        let outcome = boot(k, &initrd)?;
+        step(&format!("{}: {} passed, {} failed in {:.0?}", k.release, outcome.passed, outcome.failed, started.elapsed()));
+        tally.passed += outcome.passed;
+        tally.failed += outcome.failed;
+        results.push((k.release.clone(), outcome));
+    }
+    println!("\nVM tests per kernel:");
+    println!("  {:<32} {:>6} {:>6}  failures", "kernel", "passed", "failed");
+    for (release, o) in &results {
+        println!("  {release:<32} {:>6} {:>6}  {}", o.passed, o.failed, o.failures.join(", "));
+    }
+    Ok(())
+}
+
+fn cache_dir() -> anyhow::Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    let dir = PathBuf::from(home).join(".cache/enforcer/vm");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// The mirror the machine's own Debian sources use (same host, our own suites).
+fn debian_mirror() -> String {
+    let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
+    if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        files.extend(dir.flatten().map(|e| e.path()).filter(|p| {
+            p.extension().is_some_and(|e| e == "list" || e == "sources")
+        }));
+    }
+    for text in files.iter().filter_map(|f| std::fs::read_to_string(f).ok()) {
+        for line in text.lines().map(str::trim).filter(|l| !l.starts_with('#')) {
+            let found = line.split_whitespace().find(|w| w.starts_with("http") && w.trim_end_matches('/').ends_with("/debian"));
+            if let Some(url) = found {
+                return url.trim_end_matches('/').to_string();
+            }
+        }
+    }
+    "http://deb.debian.org/debian".to_string()
+}
+
+/// apt options that confine apt to a state of its own under the cache directory.
+fn private_apt(cache: &Path, program: &str, suite: &str) -> anyhow::Result<Command> {
+    let apt = cache.join("apt");
+    let list = apt.join("sources.list");
+    if !list.exists() {
+        for d in ["lists/partial", "cache/archives/partial"] {
+            std::fs::create_dir_all(apt.join(d))?;
+        }
+        let mirror = debian_mirror();
+        let key = "[signed-by=/usr/share/keyrings/debian-archive-keyring.gpg]";
+        let text: String = SUITES.iter().map(|s| format!("deb {key} {mirror} {s} main\n")).collect();
+        std::fs::write(&list, text)?;
+    }
+    let mut cmd = Command::new(program);
+    for (k, v) in [
+        ("Dir::Etc::SourceList", list),
+        ("Dir::Etc::SourceParts", PathBuf::from("/dev/null")),
+        ("Dir::State::Lists", apt.join("lists")),
+        ("Dir::Cache", apt.join("cache")),
+    ] {
+        cmd.arg("-o").arg(format!("{k}={}", v.display()));
+    }
+    // Root's cache directory is not readable by apt's sandbox user; the suite picks
+    // which linux-image-cloud-amd64 the metapackage means (both suites carry one).
+    cmd.args(["-q", "-o", "APT::Sandbox::User=root", "-o", "Acquire::IndexTargets::deb::DEP-11::DefaultEnabled=false"]);
+    cmd.args(["-o", &format!("APT::Default-Release={suite}")]);
+    Ok(cmd)
+}
+
+/// The suite's cloud kernel, downloaded and unpacked once.
+fn kernel(cache: &Path, suite: &str) -> anyhow::Result<Kernel> {
+    let dir = cache.join(suite);
+    let release_file = dir.join("release");
+    if let Ok(release) = std::fs::read_to_string(&release_file) {
+        let release = release.trim().to_string();
+        let vmlinuz = dir.join(format!("vmlinuz-{release}"));
+        if vmlinuz.exists() {
+            step(&format!("kernel {suite}: {release} (cached)"));
+            print_config(&dir, &release)?;
+            return Ok(Kernel { release, vmlinuz });
+        }
+    }
+    step(&format!("kernel {suite}: resolving linux-image-cloud-amd64 in a private apt state"));
+    let update_stamp = cache.join("apt/updated");
+    if !update_stamp.exists() {
+        run(private_apt(cache, "apt-get", suite)?.arg("update"))?;
+        std::fs::write(&update_stamp, "")?;
+    }
+    let out = private_apt(cache, "apt-cache", suite)?.args(["depends", "linux-image-cloud-amd64"]).output()?;
+    ensure!(out.status.success(), "apt-cache depends failed: {}", String::from_utf8_lossy(&out.stderr));
+    let package = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Depends: ").filter(|p| p.starts_with("linux-image-")).map(str::to_string))
+        .with_context(|| format!("no linux-image dependency of linux-image-cloud-amd64 in {suite}"))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let unpacked = dir.join("deb");
+    std::fs::create_dir_all(&unpacked)?;
+    step(&format!("kernel {suite}: downloading {package}"));
+    run(private_apt(cache, "apt-get", suite)?.args(["download", &package]).current_dir(&dir))?;
+    let deb = std::fs::read_dir(&dir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("apt-get download left no .deb")?;
+    run(Command::new("dpkg").arg("-x").arg(&deb).arg(&unpacked))?;
+    let boot = unpacked.join("boot");
+    let release = std::fs::read_dir(&boot)?
+        .flatten()
+        .find_map(|e| e.file_name().to_str()?.strip_prefix("vmlinuz-").map(str::to_string))
+        .with_context(|| format!("no boot/vmlinuz-* in {}", deb.display()))?;
+    // Keep only the kernel and its config; the modules are not needed (all we use is built in).
+    for f in [format!("vmlinuz-{release}"), format!("config-{release}")] {
+        std::fs::rename(boot.join(&f), dir.join(&f))?;
+    }
+    std::fs::remove_dir_all(&unpacked)?;
+    std::fs::remove_file(&deb)?;
+    std::fs::write(&release_file, &release)?;
+    step(&format!("kernel {suite}: {release}"));
+    print_config(&dir, &release)?;
+    Ok(Kernel { vmlinuz: dir.join(format!("vmlinuz-{release}")), release })
+}
+
+/// Whether the kernel can run BPF-LSM programs at all, from its build config.
+fn print_config(dir: &Path, release: &str) -> anyhow::Result<()> {
+    let config = std::fs::read_to_string(dir.join(format!("config-{release}")))?;
+    let value = |key: &str| {
+        config
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('=').map(|v| v.trim_matches('"').to_string()))
+            .unwrap_or_else(|| "not set".to_string())
+    };
+    let lsm = value("CONFIG_LSM");
+    let bpf_in_lsm = lsm.split(',').any(|l| l == "bpf");
+    println!(
+        "  {release}: CONFIG_BPF_LSM={} CONFIG_SECURITY_PATH={} CONFIG_LSM=\"{lsm}\" (bpf {})",
+        value("CONFIG_BPF_LSM"),
+        value("CONFIG_SECURITY_PATH"),
+        if bpf_in_lsm { "active by default" } else { "NOT in the default list" }
+    );
+    Ok(())
+}
+
+/// The test executables of enforcer-tests, by target name, as cargo just built them.
+fn test_executables() -> anyhow::Result<Vec<(String, PathBuf)>> {
+    step("building the integration test executables");
+    let out = Command::new("cargo")
+        .args(["test", "--release", "-p", "enforcer-tests", "--no-run", "--message-format=json"])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("starting cargo test --no-run")?;
+    ensure!(out.status.success(), "cargo test --no-run failed: {}", out.status);
+    let mut tests = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        if msg["reason"] != "compiler-artifact" || msg["profile"]["test"] != true {
+            continue;
+        }
+        let (Some(name), Some(exe)) = (msg["target"]["name"].as_str(), msg["executable"].as_str()) else { continue };
+        if !SKIP_TARGETS.contains(&name) {
+            tests.push((name.to_string(), PathBuf::from(exe)));
+        }
+    }
+    ensure!(!tests.is_empty(), "cargo built no test executable for enforcer-tests");
+    tests.sort();
+    Ok(tests)
+}
+
+/// `'...'` for the guest's shell.
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+fn init_script(tests: &[(String, PathBuf)], filter: Option<&str>) -> String {
+    let mut args = String::from("--test-threads=1");
+    for (name, _) in SKIP_TESTS {
+        args += &format!(" --skip {name}");
+    }
+    if let Some(f) = filter {
+        args += &format!(" {}", quote(f));
+    }
+    let mut s = String::from(
+        r#"#!/bin/sh
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+mount -t bpf bpf /sys/fs/bpf
+mount -t securityfs securityfs /sys/kernel/security
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+ip link set lo up
+export ENFORCER_BIN=/bin/enforcer HOME=/root PATH=/bin:/sbin:/usr/bin:/usr/sbin
+# Under TCG the verifier takes many times longer to load the LSM programs.
+export ENFORCER_TEST_ATTACH_SECS=600
+mkdir -p /root
+cd /root
+echo "kernel $(uname -r), active LSMs $(cat /sys/kernel/security/lsm)"
+/bin/enforcer doctor
+"#,
+    );
+    // XTASK_VM_TESTS=files,doctor: only these test binaries (developers iterating).
+    let only = std::env::var("XTASK_VM_TESTS").ok();
+    for (name, _) in tests {
+        if only.as_deref().is_some_and(|o| !o.split(',').any(|n| n == name)) {
+            continue;
+        }
+        s += &format!("/tests/{name} {args}\necho \"{EXIT_MARK} {name} $?\"\n");
+    }
+    s += &format!("echo {DONE}\npoweroff -f\n");
+    s
+}
+
+/// Shared libraries (and the dynamic loader) a binary needs, by absolute path.
+fn shared_libs(binary: &Path, libs: &mut BTreeSet<PathBuf>) -> anyhow::Result<()> {
+    let out = Command::new("ldd").arg(binary).output().context("starting ldd")?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let path = line.split("=>").last().unwrap_or("").split_whitespace().next().unwrap_or("");
+        if path.starts_with('/') {
+            libs.insert(PathBuf::from(path));
+        }
+    }
+    Ok(())
+}
+
+/// A fresh initramfs (uncompressed cpio newc: nothing to inflate in a slow guest).
+fn initramfs(work: &Path, tests: &[(String, PathBuf)], filter: Option<&str>) -> anyhow::Result<PathBuf> {
+    step("building the initramfs");
+    let root = work.join("root");
+    let _ = std::fs::remove_dir_all(work);
+    for d in ["bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "run", "root", "tests"] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    let busybox = Path::new("/bin/busybox");
+    std::fs::copy(busybox, root.join("bin/busybox")).context("copying /bin/busybox (busybox-static)")?;
+    let list = Command::new(busybox).arg("--list-full").output().context("busybox --list-full")?;
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        let link = root.join(applet);
+        if !link.exists() {
+            std::os::unix::fs::symlink("/bin/busybox", &link)?;
+        }
+    }
+    let mut libs = BTreeSet::new();
+    let enforcer = enforcer_bin();
+    ensure!(enforcer.exists(), "no {}: build it first", enforcer.display());
+    std::fs::copy(&enforcer, root.join("bin/enforcer"))?;
+    shared_libs(&enforcer, &mut libs)?;
+    for (name, exe) in tests {
+        std::fs::copy(exe, root.join("tests").join(name))?;
+        shared_libs(exe, &mut libs)?;
+    }
+    for lib in &libs {
+        let dest = root.join(lib.strip_prefix("/")?);
+        std::fs::create_dir_all(dest.parent().expect("a library path has a parent"))?;
+        std::fs::copy(lib, &dest).with_context(|| format!("copying {}", lib.display()))?;
+    }
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n")?;
+    std::fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\nnobody:x:65534:\n")?;
+    std::fs::write(root.join("etc/hosts"), "127.0.0.1 localhost\n::1 localhost\n")?;
+    std::fs::write(root.join("etc/nsswitch.conf"), "passwd: files\ngroup: files\nhosts: files\n")?;
+    let init = root.join("init");
+    std::fs::write(&init, init_script(tests, filter))?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755))?;
+    let cpio = work.join("initramfs.cpio");
+    run(Command::new("sh")
+        .arg("-c")
+        .arg(format!("find . | cpio --quiet -o -H newc > {}", quote(cpio.to_str().context("utf-8 path")?)))
+        .current_dir(&root))?;
+    Ok(cpio)
+}
+
+/// Boots one kernel, streams its console, and counts libtest's verdicts.
+fn boot(kernel: &Kernel, initrd: &Path) -> anyhow::Result<Outcome> {
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-m", "2048", "-smp", "2"])
+        .arg("-kernel")
+        .arg(&kernel.vmlinuz)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", "console=ttyS0 panic=-1 quiet", "-nographic", "-no-reboot"])
+        // No NIC: the tests use loopback only, and the NIC's boot ROM costs time.
+        .args(["-nic", "none"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting qemu-system-x86_64")?;
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().expect("piped");
+    std::thread::spawn(move || {
+        // The console may carry stray bytes: read raw lines, decode lossily.
+        for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+            if tx.send(printable(&String::from_utf8_lossy(&line))).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + TIMEOUT;
+    let mut o = Outcome::default();
+    let mut failed_in_binary = 0;
+    let mut done = false;
+    loop {
+        let line = match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => line,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                o.failed += 1;
+                o.failures.push(format!("timeout after {TIMEOUT:?}"));
+                break;
+            }
+        };
+        println!("[{}] {line}", kernel.release);
+        if let Some(rest) = line.strip_prefix("test ") {
+            if rest.ends_with(" ... ok") {
+                o.passed += 1;
+            } else if let Some(name) = rest.strip_suffix(" ... FAILED") {
+                o.failed += 1;
+                failed_in_binary += 1;
+                o.failures.push(name.to_string());
+            }
+        } else if let Some(rest) = line.strip_prefix(EXIT_MARK) {
+            // A binary that failed without a FAILED test line (crash, bad arguments).
+            let mut words = rest.split_whitespace();
+            let (name, code) = (words.next().unwrap_or("?"), words.next().unwrap_or("?"));
+            if code != "0" && failed_in_binary == 0 {
+                o.failed += 1;
+                o.failures.push(format!("{name} exited with {code}"));
+            }
+            failed_in_binary = 0;
+        } else if line == DONE {
+            done = true;
+        }
+    }
+    let status = child.wait()?;
+    if !done && !o.failures.iter().any(|f| f.starts_with("timeout")) {
+        o.failed += 1;
+        o.failures.push(format!("no {DONE} (qemu {status})"));
+    }
+    Ok(o)
+}
+
+/// A console line without terminal control sequences: the firmware resets and clears
+/// the screen, which would reset the host's terminal too.
+fn printable(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // CSI sequences run to a final byte in @..~; others are one character long.
+            if chars.next() == Some('[') {
+                for f in chars.by_ref() {
+                    if ('@'..='~').contains(&f) {
+                        break;
+                    }
+                }
+            }
+        } else if !c.is_control() || c == '\t' {
+            out.push(c);
+        }
+    }
+    out
+}
