@@ -458,7 +458,7 @@ pub struct FileEvent {
     pub comm: [u8; 16],
     pub path: [[u8; limits::EVENT_PART_LEN]; limits::EVENT_PATH_PARTS],
 }
-const _: () = assert!(core::mem::size_of::<FileEvent>() == 72 + 512);
+const _: () = assert!(core::mem::size_of::<FileEvent>() == 72 + limits::EVENT_PART_LEN * limits::EVENT_PATH_PARTS);
 
 /// Tree changes judged by the path hooks.
 pub mod change {

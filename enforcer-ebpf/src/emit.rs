@@ -117,28 +117,16 @@ pub fn emit_file_event(d: &FileDecision, o: &KernelOffsets, dentry: *const u8, v
     }
     let mut dentry = dentry;
     let mut vfsmount = vfsmount;
+    // One component per step, a mount crossing's "/" included (the controller drops
+    // those): every step then leaves the same state and the verifier prunes.
     let mut parts: usize = 0;
-    // Every step counts against the bound, mount crossings too, so the loop ends.
-    let mut steps = 0;
-    while steps < limits::EVENT_PATH_PARTS + 4 && parts < limits::EVENT_PATH_PARTS {
-        steps += 1;
-        if dentry.is_null() {
-            break;
-        }
+    while parts < limits::EVENT_PATH_PARTS {
         let parent = read_ptr(dentry, o.dentry_d_parent);
-        if parent == dentry {
-            // A filesystem root names nothing; continue at its mount point.
-            if vfsmount.is_null() {
-                break;
-            }
-            let mount = unsafe { vfsmount.sub(o.mount_mnt as usize) };
-            let parent_mount = read_ptr(mount, o.mount_mnt_parent);
-            if parent_mount.is_null() || parent_mount == mount {
-                break;
-            }
-            dentry = read_ptr(mount, o.mount_mnt_mountpoint);
-            vfsmount = unsafe { parent_mount.add(o.mount_mnt as usize) };
-            continue;
+        let mount = (vfsmount as usize).wrapping_sub(o.mount_mnt as usize) as *const u8;
+        let parent_mount = read_ptr(mount, o.mount_mnt_parent);
+        let mountpoint = read_ptr(mount, o.mount_mnt_mountpoint);
+        if dentry.is_null() || (parent == dentry && (parent_mount.is_null() || parent_mount == mount)) {
+            break;
         }
         let name = read_ptr(dentry, o.dentry_d_name_name);
         let slot = unsafe { &mut (*event).path[parts] };
@@ -146,7 +134,12 @@ pub fn emit_file_event(d: &FileDecision, o: &KernelOffsets, dentry: *const u8, v
             slot[0] = 0;
         }
         parts += 1;
-        dentry = parent;
+        if parent == dentry {
+            dentry = mountpoint;
+            vfsmount = (parent_mount as usize).wrapping_add(o.mount_mnt as usize) as *const u8;
+        } else {
+            dentry = parent;
+        }
     }
     unsafe {
         (*event).parts = parts as u8;

@@ -123,38 +123,41 @@ enum Walk {
 }
 
 /// The nearest listed ancestor-or-self of `dentry` (seen through `vfsmount`).
+///
+/// Written so that every iteration leaves the same kind of state whichever way it went
+/// (the key is always built and looked up, and both ways to the parent assign the same
+/// registers): the verifier then prunes the paths at the loop head instead of
+/// following every combination of branches through all iterations.
 #[inline(always)]
 fn nearest_listed(o: &KernelOffsets, slot: u32, mut dentry: Ptr, mut vfsmount: Ptr) -> Walk {
     let mut i = 0;
     while i < limits::MAX_PATH_DEPTH {
         i += 1;
-        if dentry.is_null() {
-            return Walk::Unlisted;
-        }
+        // A NULL inode reads as zeros, which names no entry.
         let inode = read_ptr(dentry, o.dentry_d_inode);
-        if !inode.is_null() {
-            let sb = read_ptr(inode, o.inode_i_sb);
-            let key = FileKey { ino: read_u64(inode, o.inode_i_ino), dev: read_u32(sb, o.super_block_s_dev), slot };
-            if let Some(entry) = unsafe { ENF_FILES.get(&key) } {
-                return Walk::Listed(*entry);
-            }
+        let key = FileKey {
+            ino: read_u64(inode, o.inode_i_ino),
+            dev: read_u32(read_ptr(inode, o.inode_i_sb), o.super_block_s_dev),
+            slot,
+        };
+        if let Some(entry) = unsafe { ENF_FILES.get(&key) } {
+            return Walk::Listed(*entry);
         }
         let parent = read_ptr(dentry, o.dentry_d_parent);
-        if parent != dentry {
-            dentry = parent;
-            continue;
-        }
-        // The root of a filesystem: continue at its mount point in the parent mount.
-        if vfsmount.is_null() {
-            return Walk::Unlisted;
-        }
-        let mount = unsafe { vfsmount.sub(o.mount_mnt as usize) };
+        // At a filesystem root (its own parent), continue at its mount point in the
+        // parent mount; at the namespace root (its own parent mount) stop.
+        let mount = (vfsmount as usize).wrapping_sub(o.mount_mnt as usize) as Ptr;
         let parent_mount = read_ptr(mount, o.mount_mnt_parent);
-        if parent_mount.is_null() || parent_mount == mount {
+        let mountpoint = read_ptr(mount, o.mount_mnt_mountpoint);
+        if dentry.is_null() || (parent == dentry && (parent_mount.is_null() || parent_mount == mount)) {
             return Walk::Unlisted;
         }
-        dentry = read_ptr(mount, o.mount_mnt_mountpoint);
-        vfsmount = unsafe { parent_mount.add(o.mount_mnt as usize) };
+        if parent == dentry {
+            dentry = mountpoint;
+            vfsmount = (parent_mount as usize).wrapping_add(o.mount_mnt as usize) as Ptr;
+        } else {
+            dentry = parent;
+        }
     }
     Walk::TooDeep
 }

@@ -79,13 +79,17 @@ pub fn run() -> Value {
     ];
     let sock_addr = loader::probe_program_type(loader::ProbeKind::CgroupSockAddr);
     let sock = loader::probe_program_type(loader::ProbeKind::CgroupSock);
-    let lsm = loader::probe_program_type(loader::ProbeKind::Lsm);
+    let lsm_minimal = loader::probe_program_type(loader::ProbeKind::Lsm);
+    // The minimal program says whether the kernel takes LSM programs at all; the real
+    // set (14 hooks, with this kernel's offsets) is what attach needs.
+    let lsm = lsm_minimal.clone().and_then(|()| loader::ProgramSet::probe_file_programs());
     let fanotify = fanotify_permission_events();
     let network_ok = sock_addr.is_ok() && sock.is_ok() && checks[1].ok;
     let loads = |r: &Result<(), String>| r.clone().map(|()| "loads".to_string());
     checks.push(check("cgroup/connect4 program", loads(&sock_addr)));
     checks.push(check("cgroup/sock_create program", loads(&sock)));
-    checks.push(check("lsm/file_open program", loads(&lsm)));
+    checks.push(check("lsm/file_open program", loads(&lsm_minimal)));
+    checks.push(check("enforcer file programs", loads(&lsm)));
     // Tree changes (create, unlink, rename, ...) are judged by the path_* hooks, which
     // exist only with CONFIG_SECURITY_PATH.
     let path_hooks = crate::btf::KernelBtf::from_running_kernel()

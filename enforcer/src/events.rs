@@ -62,6 +62,10 @@ pub fn event_path(ev: &FileEvent) -> String {
     }
     for part in ev.path[..parts].iter().rev() {
         let len = part.iter().position(|&b| b == 0).unwrap_or(part.len());
+        // A filesystem root crossed on the way up names itself "/".
+        if len == 0 || &part[..len] == b"/" {
+            continue;
+        }
         out.push('/');
         out.push_str(&String::from_utf8_lossy(&part[..len]));
         if len == part.len() {

@@ -218,6 +218,41 @@ impl ProgramSet {
         Ok(Self { ebpf, files: files.is_some() })
     }
 
+    /// Loads (and drops) the real file programs with this kernel's offsets, pinning the
+    /// maps in a scratch bpffs directory: what `doctor` reports and `auto` relies on.
+    pub fn probe_file_programs() -> Result<(), String> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(LoaderError::NoPrograms.to_string());
+        }
+        ensure_bpffs().map_err(|e| e.to_string())?;
+        let btf = crate::btf::KernelBtf::from_running_kernel().map_err(|e| format!("{e:#}"))?;
+        let offsets = kernel_offsets(&btf).map_err(|e| format!("{e:#}"))?;
+        let dir = PathBuf::from(format!("/sys/fs/bpf/enforcer-probe-{}", std::process::id()));
+        fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let result = (|| -> Result<(), String> {
+            let mut ebpf = EbpfLoader::new()
+                .default_map_pin_directory(&dir)
+                .override_global(names::GLOBAL_OFFSETS, &offsets, true)
+                .load(EBPF_OBJECT)
+                .map_err(|e| error_chain(&e))?;
+            let btf = aya::Btf::from_sys_fs().map_err(|e| e.to_string())?;
+            for &(name, hook_name) in names::LSM_PROGRAMS {
+                let program = ebpf.program_mut(name).ok_or(format!("no program {name}"))?;
+                <&mut Lsm>::try_from(program)
+                    .and_then(|p| p.load(hook_name, &btf))
+                    .map_err(|e| format!("{name} ({hook_name}): {}", error_chain(&e)))?;
+            }
+            Ok(())
+        })();
+        if let Ok(entries) = fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        let _ = fs::remove_dir(&dir);
+        result
+    }
+
     pub fn enforces_files(&self) -> bool {
         self.files
     }

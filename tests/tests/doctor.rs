@@ -20,7 +20,7 @@ fn doctor_reports_what_loads_and_chooses_backends_from_it() {
     assert_eq!(check("cgroup/sock_create program")["ok"], true, "{report}");
     assert_eq!(report["attach"]["network"], "cgroup socket hooks");
     // The file backend follows from what loads: BPF-LSM first, then fanotify.
-    let expected = if check("lsm/file_open program")["ok"] == true {
+    let expected = if check("enforcer file programs")["ok"] == true {
         "bpf-lsm"
     } else if check("fanotify")["ok"] == true {
         "fanotify"

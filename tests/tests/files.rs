@@ -21,6 +21,23 @@ fn lsm() -> bool {
     backend() == "bpf-lsm"
 }
 
+/// Attaches and checks that the controller uses the backend doctor announced (a silent
+/// fallback would make every later assertion test the wrong backend).
+fn attach_files(cg: &TestCgroup, policy: &TempFile) -> Controller {
+    let c = Controller::attach(cg.arg(), policy, &[]);
+    let expected = backend();
+    // The reader thread reports "attached" before it stores the line: wait for it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let lines = c.stderr_lines.lock().unwrap().join("\n");
+        if lines.lines().any(|l| l.contains("attached") && l.contains(&format!("\"{expected}\""))) {
+            return c;
+        }
+        assert!(std::time::Instant::now() < deadline, "doctor said files use {expected}; the controller said:\n{lines}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// A scratch tree removed on drop (bind mounts under it are unmounted first).
 struct Scratch(PathBuf);
 
@@ -103,7 +120,7 @@ fn reads_writes_and_denials_follow_the_tree_rules() {
         "    default: allow\n    read: [ROOT/project]\n    write: [ROOT/project/out]\n    deny: [ROOT/secrets/.ssh]\n",
         &s.0,
     );
-    let c = Controller::attach(cg.arg(), &p, &[]);
+    let c = attach_files(&cg, &p);
     let r = try_in(
         &cg.path,
         &[
@@ -135,7 +152,7 @@ fn tree_changes_need_write_access() {
     s.file("rw/a", "a");
     let cg = TestCgroup::new("files-tree");
     let p = files_policy("enforce", "    default: allow\n    read: [ROOT/ro]\n    write: [ROOT/rw]\n", &s.0);
-    let _c = Controller::attach(cg.arg(), &p, &[]);
+    let _c = attach_files(&cg, &p);
     let r = try_in(
         &cg.path,
         &[
@@ -170,7 +187,7 @@ fn exec_needs_exec_access_including_through_the_dynamic_loader() {
     fs::copy(enforcer_bin(), &tool).unwrap();
     let cg = TestCgroup::new("files-exec");
     let p = files_policy("enforce", "    default: allow\n    write: [ROOT/downloads]\n", &s.0);
-    let _c = Controller::attach(cg.arg(), &p, &[]);
+    let _c = attach_files(&cg, &p);
     let loader = ["/lib64/ld-linux-x86-64.so.2", "/lib/ld-linux-x86-64.so.2"]
         .into_iter()
         .find(|l| Path::new(l).exists())
@@ -202,7 +219,7 @@ fn links_bind_mounts_and_reopens_cannot_relabel_a_denied_file() {
     assert!(status.success(), "bind mount");
     let cg = TestCgroup::new("files-relabel");
     let p = files_policy("enforce", "    default: allow\n    deny: [ROOT/home/.aws]\n", &s.0);
-    let _c = Controller::attach(cg.arg(), &p, &[]);
+    let _c = attach_files(&cg, &p);
     let r = try_in(
         &cg.path,
         &[
@@ -226,7 +243,7 @@ fn a_denied_path_created_after_attach_is_protected() {
     fs::create_dir_all(s.0.join("home")).unwrap();
     let cg = TestCgroup::new("files-later");
     let p = files_policy("enforce", "    default: allow\n    deny: [ROOT/home/.aws, ROOT/home/.config/gcloud]\n", &s.0);
-    let _c = Controller::attach(cg.arg(), &p, &[]);
+    let _c = attach_files(&cg, &p);
     // Created by someone outside the cgroup after the policy was compiled.
     let creds = s.file("home/.aws/credentials", "KEY");
     let token = s.file("home/.config/gcloud/token", "TOKEN");
@@ -248,7 +265,7 @@ fn processes_outside_the_cgroup_are_untouched_and_audit_mode_only_records() {
     let secret = s.file("vault/key", "K");
     let cg = TestCgroup::new("files-audit");
     let p = files_policy("audit", "    default: allow\n    deny: [ROOT/vault]\n", &s.0);
-    let c = Controller::attach(cg.arg(), &p, &[]);
+    let c = attach_files(&cg, &p);
     assert_eq!(fs::read_to_string(&secret).unwrap(), "K", "the test process is outside the cgroup");
     let r = try_in(&cg.path, &[("audited_read", format!("cat {}", secret.display()))]);
     expect(&r, &[("audited_read", true)]);
