@@ -38,6 +38,9 @@ pub mod limits {
     /// Ancestors (directories and mount crossings) walked from an opened file to the
     /// root. A deeper file is denied (fail closed) and counted.
     pub const MAX_PATH_DEPTH: u32 = 64;
+    /// The same bound for each of the two walks of a rename or link, which one program
+    /// must verify together.
+    pub const MAX_PATH_DEPTH_TWO_TARGETS: u32 = 32;
     /// Path components carried by a file event, deepest first, each NUL padded.
     pub const EVENT_PATH_PARTS: usize = 16;
     pub const EVENT_PART_LEN: usize = 32;

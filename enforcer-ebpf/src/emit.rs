@@ -97,6 +97,8 @@ pub fn emit_file_event(d: &FileDecision, o: &KernelOffsets, dentry: *const u8, v
     let pid_tgid = bpf_get_current_pid_tgid();
     let inode = read_ptr(dentry, o.dentry_d_inode);
     let sb = read_ptr(inode, o.inode_i_sb);
+    // Field by field, scalars only: array assignments into ring-buffer memory become
+    // calls to a `memset` subprogram, which LSM programs cannot pass that memory to.
     unsafe {
         (*event).boot_ns = bpf_ktime_get_boot_ns();
         (*event).cgroup_id = bpf_get_current_cgroup_id();
@@ -112,8 +114,12 @@ pub fn emit_file_event(d: &FileDecision, o: &KernelOffsets, dentry: *const u8, v
         (*event).requested = d.requested;
         (*event).change = d.change;
         (*event).truncated = 0;
-        (*event)._pad = [0; 2];
-        (*event).comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        (*event)._pad[0] = 0;
+        (*event)._pad[1] = 0;
+        let comm = core::ptr::addr_of_mut!((*event).comm);
+        if aya_ebpf::helpers::generated::bpf_get_current_comm(comm.cast(), 16) != 0 {
+            (*event).comm[0] = 0;
+        }
     }
     let mut dentry = dentry;
     let mut vfsmount = vfsmount;

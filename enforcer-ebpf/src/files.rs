@@ -129,9 +129,9 @@ enum Walk {
 /// registers): the verifier then prunes the paths at the loop head instead of
 /// following every combination of branches through all iterations.
 #[inline(always)]
-fn nearest_listed(o: &KernelOffsets, slot: u32, mut dentry: Ptr, mut vfsmount: Ptr) -> Walk {
+fn nearest_listed<const DEPTH: u32>(o: &KernelOffsets, slot: u32, mut dentry: Ptr, mut vfsmount: Ptr) -> Walk {
     let mut i = 0;
-    while i < limits::MAX_PATH_DEPTH {
+    while i < DEPTH {
         i += 1;
         // A NULL inode reads as zeros, which names no entry.
         let inode = read_ptr(dentry, o.dentry_d_inode);
@@ -162,10 +162,28 @@ fn nearest_listed(o: &KernelOffsets, slot: u32, mut dentry: Ptr, mut vfsmount: P
     Walk::TooDeep
 }
 
+/// What the rules say of one target: (allowed, rule id).
+#[inline(always)]
+fn decide<const DEPTH: u32>(o: &KernelOffsets, g: &Governed, target: (Ptr, Ptr), requested: u8) -> (bool, u32) {
+    match nearest_listed::<DEPTH>(o, g.slot, target.0, target.1) {
+        Walk::Listed(e) => (e.deny == 0 && e.allow & requested == requested, e.rule_id as u32),
+        Walk::Unlisted => (g.default_grants & requested == requested, 0),
+        Walk::TooDeep => (false, RULE_FAIL_CLOSED),
+    }
+}
+
 /// Judges `requested` access to the file at (dentry, vfsmount) for the caller.
 /// Returns 0 or -EACCES.
 #[inline(always)]
 fn judge(dentry: Ptr, vfsmount: Ptr, requested: u8, hook_id: u8, change_kind: u8) -> i32 {
+    judge_both((dentry, vfsmount), None, requested, hook_id, change_kind)
+}
+
+/// Judges one or two targets (a rename's source and destination): both must be
+/// allowed. One event, for the first target refused, so the verifier walks the event
+/// path once whatever the number of targets.
+#[inline(always)]
+fn judge_both(first: (Ptr, Ptr), second: Option<(Ptr, Ptr)>, requested: u8, hook_id: u8, change_kind: u8) -> i32 {
     let g = match governed() {
         None => return 0,
         Some(Ok(g)) => g,
@@ -176,11 +194,19 @@ fn judge(dentry: Ptr, vfsmount: Ptr, requested: u8, hook_id: u8, change_kind: u8
         }
     };
     let o = ENF_OFFSETS.load();
-    let (allowed, rule_id) = match nearest_listed(&o, g.slot, dentry, vfsmount) {
-        Walk::Listed(e) => (e.deny == 0 && e.allow & requested == requested, e.rule_id as u32),
-        Walk::Unlisted => (g.default_grants & requested == requested, 0),
-        Walk::TooDeep => (false, RULE_FAIL_CLOSED),
+    // Two walks in one program double the verifier's work; each gets half the depth
+    // (a deeper path is refused, fail closed).
+    let (mut allowed, mut rule_id) = match second {
+        None => decide::<{ limits::MAX_PATH_DEPTH }>(&o, &g, first, requested),
+        Some(_) => decide::<{ limits::MAX_PATH_DEPTH_TWO_TARGETS }>(&o, &g, first, requested),
     };
+    let mut target = first;
+    if allowed {
+        if let Some(second) = second {
+            (allowed, rule_id) = decide::<{ limits::MAX_PATH_DEPTH_TWO_TARGETS }>(&o, &g, second, requested);
+            target = second;
+        }
+    }
     let v = if allowed {
         verdict::ALLOW
     } else if g.audit && rule_id != RULE_FAIL_CLOSED {
@@ -191,7 +217,7 @@ fn judge(dentry: Ptr, vfsmount: Ptr, requested: u8, hook_id: u8, change_kind: u8
     emit::count_decision(g.slot, hook_id, v);
     if v != verdict::ALLOW || g.log_allowed {
         let d = FileDecision { slot: g.slot, rule_id, hook: hook_id, verdict: v, requested, change: change_kind };
-        emit::emit_file_event(&d, &o, dentry, vfsmount);
+        emit::emit_file_event(&d, &o, target.0, target.1);
     }
     if v == verdict::DENY { -EACCES } else { 0 }
 }
@@ -300,20 +326,13 @@ pub fn enf_path_rmdir(ctx: LsmContext) -> i32 {
     if let Some(ret) = earlier(&ctx, 2) {
         return ret;
     }
-    let ret = judge_path_write(ctx.arg(0), change::RMDIR);
-    if ret != 0 {
-        return ret;
-    }
+    // The entry's walk passes through its directory: one walk judges both.
     judge_entry_write(ctx.arg(0), ctx.arg(1), change::RMDIR)
 }
 
 #[lsm(hook = "path_unlink")]
 pub fn enf_path_unlink(ctx: LsmContext) -> i32 {
     if let Some(ret) = earlier(&ctx, 2) {
-        return ret;
-    }
-    let ret = judge_path_write(ctx.arg(0), change::UNLINK);
-    if ret != 0 {
         return ret;
     }
     judge_entry_write(ctx.arg(0), ctx.arg(1), change::UNLINK)
@@ -329,11 +348,10 @@ pub fn enf_path_link(ctx: LsmContext) -> i32 {
     let old_dentry: Ptr = ctx.arg(0);
     let new_dir: Ptr = ctx.arg(1);
     let new_dentry: Ptr = ctx.arg(2);
-    let ret = judge_entry_write(new_dir, old_dentry, change::LINK);
-    if ret != 0 {
-        return ret;
-    }
-    let ret = judge_path_write(new_dir, change::LINK);
+    let o = ENF_OFFSETS.load();
+    let mnt = read_ptr(new_dir, o.path_mnt);
+    // The new (negative) dentry's walk starts at the new directory.
+    let ret = judge_both((old_dentry, mnt), Some((new_dentry, mnt)), access::WRITE, hook::FILE_CHANGE, change::LINK);
     if ret == 0 {
         let o = ENF_OFFSETS.load();
         adopt_pending(&o, new_dentry, read_ptr(old_dentry, o.dentry_d_inode));
@@ -351,13 +369,14 @@ pub fn enf_path_rename(ctx: LsmContext) -> i32 {
     let old_dentry: Ptr = ctx.arg(1);
     let new_dir: Ptr = ctx.arg(2);
     let new_dentry: Ptr = ctx.arg(3);
-    let mut ret = judge_path_write(old_dir, change::RENAME);
-    if ret == 0 {
-        ret = judge_entry_write(old_dir, old_dentry, change::RENAME);
-    }
-    if ret == 0 {
-        ret = judge_path_write(new_dir, change::RENAME);
-    }
+    let o = ENF_OFFSETS.load();
+    let ret = judge_both(
+        (old_dentry, read_ptr(old_dir, o.path_mnt)),
+        Some((new_dentry, read_ptr(new_dir, o.path_mnt))),
+        access::WRITE,
+        hook::FILE_CHANGE,
+        change::RENAME,
+    );
     if ret == 0 {
         let o = ENF_OFFSETS.load();
         adopt_pending(&o, new_dentry, read_ptr(old_dentry, o.dentry_d_inode));
@@ -422,7 +441,8 @@ fn adopt_pending(o: &KernelOffsets, dentry: Ptr, inode: Ptr) {
         parent_ino: read_u64(parent_inode, o.inode_i_ino),
         parent_dev: read_u32(read_ptr(parent_inode, o.inode_i_sb), o.super_block_s_dev),
         slot,
-        name: [0; limits::PENDING_NAME_LEN],
+        // Zeroed as words: a byte-array literal becomes a `memset` call.
+        name: unsafe { core::mem::transmute::<[u64; limits::PENDING_NAME_LEN / 8], [u8; limits::PENDING_NAME_LEN]>([0u64; limits::PENDING_NAME_LEN / 8]) },
     };
     let name_ptr = read_ptr(dentry, o.dentry_d_name_name);
     // Truncated to the key's length: a longer name is compared on its first bytes.
@@ -442,11 +462,29 @@ fn adopt_pending(o: &KernelOffsets, dentry: Ptr, inode: Ptr) {
     next.entry = pending.entry;
     next.remaining = pending.remaining - 1;
     next._pad = 0;
-    next.names[0] = pending.names[1];
-    next.names[1] = pending.names[2];
-    next.names[2] = [0; limits::PENDING_NAME_LEN];
+    // Whole-array copies in 8-byte words: a byte array assignment would call a
+    // memcpy/memset subprogram.
+    copy_name(&mut next.names[0], &pending.names[1]);
+    copy_name(&mut next.names[1], &pending.names[2]);
+    copy_name(&mut next.names[2], &key_zero());
     key.parent_ino = ino;
     key.parent_dev = dev;
-    key.name = pending.names[0];
+    copy_name(&mut key.name, &pending.names[0]);
     let _ = ENF_PENDING.insert(&key, next, 0);
+}
+
+#[inline(always)]
+fn copy_name(to: &mut [u8; limits::PENDING_NAME_LEN], from: &[u8; limits::PENDING_NAME_LEN]) {
+    let to = to.as_mut_ptr() as *mut u64;
+    let from = from.as_ptr() as *const u64;
+    let mut i = 0;
+    while i < limits::PENDING_NAME_LEN / 8 {
+        unsafe { core::ptr::write_unaligned(to.add(i), core::ptr::read_unaligned(from.add(i))) };
+        i += 1;
+    }
+}
+
+#[inline(always)]
+fn key_zero() -> [u8; limits::PENDING_NAME_LEN] {
+    unsafe { core::mem::transmute::<[u64; limits::PENDING_NAME_LEN / 8], [u8; limits::PENDING_NAME_LEN]>([0u64; limits::PENDING_NAME_LEN / 8]) }
 }

@@ -32,7 +32,7 @@ const SKIP_TESTS: &[(&str, &str)] = &[
 ];
 
 /// A stock guest is slow under TCG; a hung one must not hang the suite.
-const TIMEOUT: Duration = Duration::from_secs(30 * 60);
+const TIMEOUT: Duration = Duration::from_secs(45 * 60);
 
 const DONE: &str = "ENFORCER-VM-DONE";
 const EXIT_MARK: &str = "ENFORCER-VM-EXIT";
@@ -51,6 +51,18 @@ impl Drop for WorkDir {
     }
 }
 
+/// A killed run leaves its directory behind (no Drop on a signal); keep only those of
+/// runs still alive.
+fn remove_stale_runs(runs: &Path) {
+    for e in std::fs::read_dir(runs).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let alive = name.strip_prefix("run-").is_some_and(|pid| Path::new("/proc").join(pid).exists());
+        if !alive {
+            let _ = if e.path().is_dir() { std::fs::remove_dir_all(e.path()) } else { std::fs::remove_file(e.path()) };
+        }
+    }
+}
+
 #[derive(Default)]
 struct Outcome {
     passed: u64,
@@ -63,7 +75,9 @@ pub fn run_tests(filter: Option<&str>, tally: &mut Tally) -> anyhow::Result<()> 
     let kernels = SUITES.iter().map(|s| kernel(&cache, s)).collect::<anyhow::Result<Vec<_>>>()?;
     let tests = test_executables()?;
     // One directory per run: two runs at once must not rebuild each other's initramfs.
-    let work = WorkDir(workspace_root().join(format!("target/vm/run-{}", std::process::id())));
+    let runs = workspace_root().join("target/vm");
+    remove_stale_runs(&runs);
+    let work = WorkDir(runs.join(format!("run-{}", std::process::id())));
     let initrd = initramfs(&work.0, &tests, filter)?;
     let mut results = Vec::new();
     for k in &kernels {
