@@ -70,7 +70,7 @@ pub enum FileEnforcement {
     BpfLsm,
     /// This controller, through fanotify permission events: only while it runs. The
     /// tables are shared with the judge and replaced on reload.
-    Fanotify { state: Arc<RwLock<FanotifyState>>, reason: String },
+    Fanotify { state: Arc<RwLock<FanotifyState>> },
 }
 
 impl FileEnforcement {
@@ -165,7 +165,7 @@ pub fn confine(mount: &Path, path: &Path, base: &Policy, opts: &FileOptions) -> 
                         );
                     }
                     let shared = Arc::new(RwLock::new(FanotifyState::new(0, &compiled, tables.clone())));
-                    (ProgramSet::load(binding, None)?, FileEnforcement::Fanotify { state: shared, reason })
+                    (ProgramSet::load(binding, None)?, FileEnforcement::Fanotify { state: shared })
                 }
             }
         }

@@ -253,10 +253,6 @@ impl ProgramSet {
         result
     }
 
-    pub fn enforces_files(&self) -> bool {
-        self.files
-    }
-
     /// Attaches every hook to the cgroup and pins the links; links of an earlier attach
     /// of the same cgroup are removed only after the new ones are in place. The LSM
     /// programs attach machine-wide and judge only tasks in the cgroup.

@@ -97,7 +97,7 @@ fn files_bench_in(mount: &Path, root: &Path) -> anyhow::Result<()> {
             for (i, (_, policy)) in setups.iter().enumerate() {
                 let controller = match policy {
                     Some(p) => {
-                        let (child, files) = attach_reporting_files(&cgroup, p)?;
+                        let (child, files) = attach_reporting(&cgroup, p, &["--events", "/dev/null"])?;
                         backend = files;
                         Some(child)
                     }
@@ -128,30 +128,6 @@ fn files_bench_in(mount: &Path, root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Attaches and returns the controller with the file backend it announced.
-fn attach_reporting_files(cgroup: &Path, policy: &Path) -> anyhow::Result<(Child, String)> {
-    let mut child = Command::new(super::enforcer_bin())
-        .args(["attach", "--events", "/dev/null", "--cgroup"])
-        .arg(cgroup)
-        .arg("--policy")
-        .arg(policy)
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting enforcer attach")?;
-    let stderr = child.stderr.take().expect("piped");
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
-    let files = loop {
-        match lines.next() {
-            Some(Ok(line)) if line.contains("attached") => {
-                break ["bpf-lsm", "fanotify"].into_iter().find(|b| line.contains(b)).unwrap_or("none").to_string();
-            }
-            Some(Ok(_)) => continue,
-            _ => bail!("enforcer attach exited before attaching: {:?}", child.wait()),
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    Ok((child, files))
-}
 
 /// How long the throughput bench generates events.
 const EVENT_SECS: u64 = 5;
@@ -340,6 +316,13 @@ fn attach(cgroup: &Path, policy: &Path) -> anyhow::Result<Child> {
 }
 
 fn attach_with(cgroup: &Path, policy: &Path, extra: &[&str]) -> anyhow::Result<Child> {
+    attach_reporting(cgroup, policy, extra).map(|(child, _)| child)
+}
+
+/// Starts `enforcer attach` and waits for its "attached" line (logged once the links
+/// are pinned and any file backend runs); returns the controller and the file backend
+/// that line names ("none" without file rules).
+fn attach_reporting(cgroup: &Path, policy: &Path, extra: &[&str]) -> anyhow::Result<(Child, String)> {
     let mut child = Command::new(super::enforcer_bin())
         .arg("attach")
         .args(extra)
@@ -350,18 +333,19 @@ fn attach_with(cgroup: &Path, policy: &Path, extra: &[&str]) -> anyhow::Result<C
         .stderr(Stdio::piped())
         .spawn()
         .context("starting enforcer attach")?;
-    // The controller logs "attached" once the links are pinned.
     let stderr = child.stderr.take().expect("piped");
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
-    loop {
+    let files = loop {
         match lines.next() {
-            Some(Ok(line)) if line.contains("attached") => break,
+            Some(Ok(line)) if line.contains("attached") => {
+                break ["bpf-lsm", "fanotify"].into_iter().find(|b| line.contains(b)).unwrap_or("none").to_string();
+            }
             Some(Ok(_)) => continue,
             _ => bail!("enforcer attach exited before attaching: {:?}", child.wait()),
         }
-    }
+    };
     std::thread::spawn(move || for _ in lines {});
-    Ok(child)
+    Ok((child, files))
 }
 
 /// Turns on the kernel's per-program run-time accounting for the bench's duration.
