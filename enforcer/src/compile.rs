@@ -13,7 +13,7 @@ use std::{
 
 use enforcer_common::{Clause, PolicyConfig, PrefixClauses, action, limits, mode};
 
-use crate::policy::{Action, IpNet, Mode, NetRule, Policy, mask};
+use crate::policy::{Action, DomainRule, IpNet, Mode, NetRule, Policy, mask};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Prefix4 {
@@ -131,38 +131,72 @@ fn compile_family<const N: usize>(
     Ok(out)
 }
 
-fn describe(action: Action, r: &NetRule) -> String {
-    let ports = if r.ports.is_empty() {
+fn ports_and_protocols(ports: &[(u16, u16)], protocols: u8) -> String {
+    let ports = if ports.is_empty() {
         "all ports".to_string()
     } else {
         let list: Vec<String> =
-            r.ports.iter().map(|&(lo, hi)| if lo == hi { lo.to_string() } else { format!("{lo}-{hi}") }).collect();
+            ports.iter().map(|&(lo, hi)| if lo == hi { lo.to_string() } else { format!("{lo}-{hi}") }).collect();
         format!("ports {}", list.join(","))
     };
-    let protocols = match r.protocols {
+    let protocols = match protocols {
         enforcer_common::proto::TCP => "tcp",
         enforcer_common::proto::UDP => "udp",
         _ => "tcp,udp",
     };
-    format!("{action} {} {ports} {protocols}", r.net)
+    format!("{ports} {protocols}")
+}
+
+fn describe(action: Action, r: &NetRule) -> String {
+    format!("{action} {} {}", r.net, ports_and_protocols(&r.ports, r.protocols))
+}
+
+fn describe_domain(d: &DomainRule) -> String {
+    format!("{} domain {} {}", d.action, d.pattern, ports_and_protocols(&d.ports, d.protocols))
+}
+
+/// The rule id of `policy.network.domains[index]`.
+pub fn domain_rule_id(index: usize) -> u16 {
+    (index + 1) as u16
+}
+
+/// The kernel clauses an answer for a domain rule opens an address with, until `expires_at`.
+pub fn learned_clauses(rule: &DomainRule, rule_id: u16, expires_at: u64) -> Vec<Clause> {
+    let ranges = if rule.ports.is_empty() { vec![(0, u16::MAX)] } else { rule.ports.clone() };
+    ranges
+        .into_iter()
+        .map(|(port_lo, port_hi)| Clause {
+            port_lo,
+            port_hi,
+            protocols: rule.protocols,
+            action: action::ALLOW,
+            rule_id,
+            expires_at,
+        })
+        .collect()
 }
 
 pub fn compile_policy(policy: &Policy) -> Result<CompiledPolicy, CompileError> {
     let net = &policy.network;
+    // Domain rules take the first ids (`domain_rule_id`): grants append address rules,
+    // and the ids in learned-address entries must not shift under them.
+    let first_net_id = net.domains.len() + 1;
     let numbered: Vec<Numbered<'_>> = net
         .allow
         .iter()
         .map(|r| (action::ALLOW, r))
         .chain(net.deny.iter().map(|r| (action::DENY, r)))
         .enumerate()
-        .map(|(i, (action, rule))| Numbered { id: (i + 1) as u16, action, rule })
+        .map(|(i, (action, rule))| Numbered { id: (first_net_id + i) as u16, action, rule })
         .collect();
-    let rules: Vec<RuleInfo> = numbered
+    let rules: Vec<RuleInfo> = net
+        .domains
         .iter()
-        .map(|n| {
+        .map(|d| RuleInfo { name: d.name.clone(), action: d.action, text: describe_domain(d) })
+        .chain(numbered.iter().map(|n| {
             let a = if n.action == action::DENY { Action::Deny } else { Action::Allow };
             RuleInfo { name: n.rule.name.clone(), action: a, text: describe(a, n.rule) }
-        })
+        }))
         .collect();
     let net4 = compile_family::<4>(&numbered, |n| match n {
         IpNet::V4 { addr, len } => Some((*addr, *len)),

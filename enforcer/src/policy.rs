@@ -259,7 +259,7 @@ struct RawRule {
     name: Option<Name>,
     cidr: Option<Cidr>,
     ip: Option<HostIp>,
-    domain: Option<String>,
+    domain: Option<Domain>,
     ports: Option<Vec<PortRange>>,
     protocols: Option<Vec<Protocol>>,
 }
@@ -268,24 +268,36 @@ struct RawRule {
 #[derive(Debug)]
 struct CheckedRule {
     name: Option<String>,
-    net: IpNet,
+    target: Target,
     ports: Vec<(u16, u16)>,
     protocols: u8,
+}
+
+#[derive(Debug)]
+enum Target {
+    Net(IpNet),
+    Domain(DomainPattern),
+}
+
+/// `api.example.test` or `*.example.test`: lower-cased, no trailing dot, ASCII only.
+#[derive(Debug)]
+struct Domain(DomainPattern);
+
+impl<'de> Deserialize<'de> for Domain {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        DomainPattern::parse(&text).map(Domain).map_err(de::Error::custom)
+    }
 }
 
 impl TryFrom<RawRule> for CheckedRule {
     type Error = String;
     fn try_from(raw: RawRule) -> Result<Self, String> {
-        if let Some(domain) = raw.domain {
-            return Err(format!(
-                "domain rules ({domain:?}) are not supported yet: they arrive with DNS-aware egress; \
-                 use cidr: or ip: for now"
-            ));
-        }
-        let net = match (raw.cidr, raw.ip) {
-            (Some(Cidr(n)), None) | (None, Some(HostIp(n))) => n,
-            (Some(_), Some(_)) => return Err("a rule takes one of cidr: or ip:, not both".into()),
-            (None, None) => return Err("a rule needs cidr: or ip:".into()),
+        let target = match (raw.cidr, raw.ip, raw.domain) {
+            (Some(Cidr(n)), None, None) | (None, Some(HostIp(n)), None) => Target::Net(n),
+            (None, None, Some(Domain(d))) => Target::Domain(d),
+            (None, None, None) => return Err("a rule needs cidr:, ip: or domain:".into()),
+            _ => return Err("a rule takes one of cidr:, ip: or domain:, not several".into()),
         };
         let ports = match raw.ports {
             None => Vec::new(),
@@ -297,7 +309,7 @@ impl TryFrom<RawRule> for CheckedRule {
             Some(p) if p.is_empty() => return Err("protocols: is empty; omit it to match tcp and udp".into()),
             Some(p) => p.iter().fold(0, |bits, p| bits | if *p == Protocol::Tcp { proto::TCP } else { proto::UDP }),
         };
-        Ok(Self { name: raw.name.map(|n| n.0), net, ports, protocols })
+        Ok(Self { name: raw.name.map(|n| n.0), target, ports, protocols })
     }
 }
 
@@ -472,6 +484,8 @@ struct RawSpec {
     alerts: Option<RawAlerts>,
     #[serde(default)]
     files: Option<RawFiles>,
+    #[serde(default)]
+    dns: Option<RawDns>,
 }
 
 #[derive(Deserialize)]
@@ -524,6 +538,10 @@ pub struct Policy {
     /// `spec.files`; None = the policy says nothing about files (nothing is judged).
     #[serde(default)]
     pub files: Option<FilePolicy>,
+    /// Some when the policy has domain rules or a `dns:` section: the cgroup's DNS goes
+    /// through the controller's proxy.
+    #[serde(default)]
+    pub dns: Option<DnsSettings>,
 }
 
 /// File-access capabilities. A path covers itself and everything beneath it; `write`
@@ -616,6 +634,9 @@ pub struct NetworkPolicy {
     pub default: Action,
     pub allow: Vec<NetRule>,
     pub deny: Vec<NetRule>,
+    /// `domain:` rules of both lists, allow rules first.
+    #[serde(default)]
+    pub domains: Vec<DomainRule>,
     pub raw_sockets: bool,
     pub icmp: bool,
 }
@@ -633,18 +654,191 @@ pub struct NetRule {
     pub expires_at: u64,
 }
 
-fn name_rules(list: &str, rules: Vec<CheckedRule>) -> Vec<NetRule> {
-    rules
-        .into_iter()
-        .enumerate()
-        .map(|(i, r)| NetRule {
-            name: r.name.unwrap_or_else(|| format!("{list}[{i}]")),
-            net: r.net,
-            ports: r.ports,
-            protocols: r.protocols,
-            expires_at: 0,
+/// Splits a list into its address rules and its domain rules, each named by its given
+/// name or its place in the list (`allow[3]`).
+fn name_rules(list: &str, action: Action, rules: Vec<CheckedRule>) -> (Vec<NetRule>, Vec<DomainRule>) {
+    let (mut nets, mut domains) = (Vec::new(), Vec::new());
+    for (i, r) in rules.into_iter().enumerate() {
+        let name = r.name.unwrap_or_else(|| format!("{list}[{i}]"));
+        match r.target {
+            Target::Net(net) => nets.push(NetRule { name, net, ports: r.ports, protocols: r.protocols, expires_at: 0 }),
+            Target::Domain(pattern) => {
+                domains.push(DomainRule { name, action, pattern, ports: r.ports, protocols: r.protocols })
+            }
+        }
+    }
+    (nets, domains)
+}
+
+/// A name or a wildcard from a `domain:` rule.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainPattern {
+    /// Lower case, no trailing dot: `api.example.test`, or `example.test` for `*.example.test`.
+    pub name: String,
+    /// `*.name`: any name below `name` (one or more labels), not `name` itself.
+    pub wildcard: bool,
+}
+
+/// Longest name DNS carries (RFC 1035: 255 bytes on the wire, 253 as text).
+pub const DNS_MAX_NAME: usize = 253;
+/// Longest label DNS carries.
+pub const DNS_MAX_LABEL: usize = 63;
+
+impl DomainPattern {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let trimmed = text.strip_suffix('.').unwrap_or(text);
+        let (wildcard, name) = match trimmed.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, trimmed),
+        };
+        if name.is_empty() || name == "*" {
+            return Err(format!("domain {text:?} names nothing; a wildcard needs a name after \"*.\""));
+        }
+        if name.contains('*') {
+            return Err(format!("domain {text:?}: \"*\" is only allowed as the whole first label (\"*.example.com\")"));
+        }
+        if !name.is_ascii() {
+            return Err(format!("domain {text:?} is not ASCII: write internationalized names in punycode (xn--...)"));
+        }
+        if name.len() > DNS_MAX_NAME {
+            return Err(format!("domain {text:?} is longer than {DNS_MAX_NAME} characters"));
+        }
+        for label in name.split('.') {
+            if label.is_empty() || label.len() > DNS_MAX_LABEL {
+                return Err(format!("domain {text:?}: every label must be 1 to {DNS_MAX_LABEL} characters"));
+            }
+            if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                return Err(format!("domain {text:?}: labels hold letters, digits, '-' and '_' only"));
+            }
+        }
+        Ok(Self { name: name.to_ascii_lowercase(), wildcard })
+    }
+
+    /// `query` in lower case without the trailing dot.
+    pub fn matches(&self, query: &str) -> bool {
+        if !self.wildcard {
+            return query == self.name;
+        }
+        query.len() > self.name.len() + 1
+            && query.ends_with(self.name.as_str())
+            && query.as_bytes()[query.len() - self.name.len() - 1] == b'.'
+    }
+}
+
+impl fmt::Display for DomainPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.wildcard { write!(f, "*.{}", self.name) } else { f.write_str(&self.name) }
+    }
+}
+
+/// A `domain:` rule. Allowed names resolve (through the proxy), and the addresses in
+/// their answers open for the rule's ports and protocols until the answer's TTL.
+/// Denied names are refused even when an allow rule's wildcard covers them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainRule {
+    pub name: String,
+    pub action: Action,
+    pub pattern: DomainPattern,
+    /// Inclusive port ranges; empty = every port.
+    pub ports: Vec<(u16, u16)>,
+    pub protocols: u8,
+}
+
+/// `spec.dns`: how the proxy resolves and what it lets through.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsSettings {
+    /// Servers the proxy asks; empty = the host's /etc/resolv.conf servers at attach time.
+    pub upstream: Vec<std::net::SocketAddr>,
+    /// An answer opens its addresses for at least this long, and for at most `max_ttl_secs`
+    /// (the TTLs in the answer the agent sees are lowered to it too).
+    pub min_ttl_secs: u32,
+    pub max_ttl_secs: u32,
+    /// Allowed names may resolve to private, loopback or link-local space.
+    pub allow_private_answers: bool,
+    /// Longer names or labels are refused: they are how data leaves through DNS.
+    pub max_name_length: usize,
+    pub max_label_length: usize,
+    /// Queries per second the cgroup may make (bursts up to twice that); 0 = unlimited.
+    pub queries_per_second: u32,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        Self {
+            upstream: Vec::new(),
+            min_ttl_secs: 5,
+            max_ttl_secs: 3600,
+            allow_private_answers: false,
+            max_name_length: 128,
+            max_label_length: 40,
+            queries_per_second: 100,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    #[serde(default)]
+    upstream: Vec<Upstream>,
+    min_ttl: Option<Window>,
+    max_ttl: Option<Window>,
+    #[serde(default)]
+    allow_private_answers: bool,
+    max_name_length: Option<Length<DNS_MAX_NAME>>,
+    max_label_length: Option<Length<DNS_MAX_LABEL>>,
+    queries_per_second: Option<u32>,
+}
+
+/// `127.0.0.53:53`, `[::1]:53`, or an address (port 53).
+struct Upstream(std::net::SocketAddr);
+
+impl<'de> Deserialize<'de> for Upstream {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if let Ok(sa) = text.parse::<std::net::SocketAddr>() {
+            if sa.port() == 0 {
+                return Err(de::Error::custom(format!("upstream \"{text}\": port 0 is not a port")));
+            }
+            return Ok(Upstream(sa));
+        }
+        text.parse::<IpAddr>()
+            .map(|ip| Upstream(std::net::SocketAddr::new(ip, 53)))
+            .map_err(|_| de::Error::custom(format!("upstream \"{text}\" is not an address or address:port")))
+    }
+}
+
+/// A length between 1 and MAX.
+struct Length<const MAX: usize>(usize);
+
+impl<'de, const MAX: usize> Deserialize<'de> for Length<MAX> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = u64::deserialize(d)?;
+        if n == 0 || n > MAX as u64 {
+            return Err(de::Error::custom(format!("length \"{n}\" must be between 1 and {MAX}")));
+        }
+        Ok(Length(n as usize))
+    }
+}
+
+impl RawDns {
+    fn settings(self) -> Result<DnsSettings, String> {
+        let d = DnsSettings::default();
+        let min_ttl_secs = self.min_ttl.map_or(d.min_ttl_secs, |w| w.0 as u32);
+        let max_ttl_secs = self.max_ttl.map_or(d.max_ttl_secs, |w| w.0 as u32);
+        if min_ttl_secs > max_ttl_secs {
+            return Err(format!("dns.min_ttl ({min_ttl_secs}s) is longer than dns.max_ttl ({max_ttl_secs}s)"));
+        }
+        Ok(DnsSettings {
+            upstream: self.upstream.into_iter().map(|u| u.0).collect(),
+            min_ttl_secs,
+            max_ttl_secs,
+            allow_private_answers: self.allow_private_answers,
+            max_name_length: self.max_name_length.map_or(d.max_name_length, |l| l.0),
+            max_label_length: self.max_label_length.map_or(d.max_label_length, |l| l.0),
+            queries_per_second: self.queries_per_second.unwrap_or(d.queries_per_second),
         })
-        .collect()
+    }
 }
 
 /// serde_yaml places errors raised by our value checks at the start of the enclosing
@@ -697,16 +891,27 @@ pub fn parse_policy_str(text: &str, origin: &str) -> Result<Policy, PolicyError>
     if rules > MAX_RULES {
         return Err(invalid(1, 1, format!("{rules} network rules: at most {MAX_RULES} are supported")));
     }
+    let (allow, allow_domains) = name_rules("allow", Action::Allow, network.allow);
+    let (deny, deny_domains) = name_rules("deny", Action::Deny, network.deny);
+    let domains: Vec<DomainRule> = allow_domains.into_iter().chain(deny_domains).collect();
+    // A dns: section or any domain rule turns the proxy on: DNS from the cgroup goes to it.
+    let dns = match (raw.spec.dns, domains.is_empty()) {
+        (None, true) => None,
+        (None, false) => Some(DnsSettings::default()),
+        (Some(d), _) => Some(d.settings().map_err(|m| invalid(1, 1, m))?),
+    };
     Ok(Policy {
         name: raw.metadata.name.0,
         mode: raw.spec.mode,
         network: NetworkPolicy {
             default: network.default,
-            allow: name_rules("allow", network.allow),
-            deny: name_rules("deny", network.deny),
+            allow,
+            deny,
+            domains,
             raw_sockets: network.raw_sockets,
             icmp: network.icmp,
         },
+        dns,
         log_allowed: raw.spec.audit.log_allowed,
         files: match raw.spec.files {
             None => None,
@@ -825,15 +1030,24 @@ mod tests {
             (with_network("    allow:\n      - cidr: 10.0.0/8\n"), 8, 15, "invalid IP address \"10.0.0\""),
             (with_network("    allow:\n      - cidr: 10.0.0.0/33\n"), 8, 15, "prefix length 33 in \"10.0.0.0/33\" exceeds 32"),
             (with_network("    allow:\n      - cidr: 10.0.0.1/8\n"), 8, 15, "did you mean 10.0.0.0/8?"),
-            (with_network("    allow:\n      - cidr: 10.0.0.0/8\n        ip: 10.0.0.1\n"), 8, 7, "not both"),
-            (with_network("    allow:\n      - ports: [80]\n"), 8, 7, "needs cidr: or ip:"),
+            (with_network("    allow:\n      - cidr: 10.0.0.0/8\n        ip: 10.0.0.1\n"), 8, 7, "not several"),
+            (with_network("    allow:\n      - ports: [80]\n"), 8, 7, "needs cidr:, ip: or domain:"),
             (with_network("    allow:\n      - ip: 127.0.0.1\n        ports: [0]\n"), 9, 17, "port 0 in 0 is out of range"),
             (with_network("    allow:\n      - ip: 127.0.0.1\n        ports: [70000]\n"), 9, 17, "port 70000"),
             (with_network("    allow:\n      - ip: 127.0.0.1\n        ports: [\"90-80\"]\n"), 9, 18, "reversed: 90 > 80"),
             (with_network("    allow:\n      - ip: 127.0.0.1\n        ports: []\n"), 8, 7, "ports: is empty"),
             (with_network("    allow:\n      - ip: 127.0.0.1\n        protocols: [icmp]\n"), 9, 21, "unknown variant `icmp`"),
             (with_network("    allow:\n      - ip: 127.0.0.1\n        protocols: []\n"), 8, 7, "protocols: is empty"),
-            (with_network("    allow:\n      - domain: api.example.com\n"), 8, 17, "domain rules (\"api.example.com\") are not supported yet"),
+            (with_network("    allow:\n      - domain: api.example.com\n        ip: 127.0.0.1\n"), 8, 7, "not several"),
+            (with_network("    allow:\n      - domain: \"*.\"\n"), 8, 18, "names nothing"),
+            (with_network("    allow:\n      - domain: \"a.*.example.com\"\n"), 8, 18, "only allowed as the whole first label"),
+            (with_network("    allow:\n      - domain: \"bücher.example\"\n"), 8, 18, "punycode"),
+            (with_network("    allow:\n      - domain: \"a..example.com\"\n"), 8, 18, "every label must be 1 to 63"),
+            (with_network("    allow:\n      - domain: \"a b.com\"\n"), 8, 18, "letters, digits"),
+            (format!("{HEAD}  dns:\n    upstream: [\"resolver.local\"]\n"), 7, 17, "is not an address"),
+            (format!("{HEAD}  dns:\n    max_label_length: 64\n"), 7, 23, "between 1 and 63"),
+            (format!("{HEAD}  dns:\n    min_ttl: 5x\n"), 7, 14, "invalid window"),
+            (format!("{HEAD}  dns:\n    resolver: 1.1.1.1\n"), 7, 5, "unknown field `resolver`"),
             (format!("{HEAD}  files:\n    read: [usr/lib]\n"), 7, 12, "path \"usr/lib\" must be absolute"),
             (format!("{HEAD}  files:\n    deny: [\"~/a/../.ssh\"]\n"), 7, 13, "contains \"..\""),
             (format!("{HEAD}  files:\n    default: maybe\n"), 7, 14, "unknown variant `maybe`"),
@@ -853,5 +1067,28 @@ mod tests {
             }
         }
         assert!(wrong.is_empty(), "{} cases wrong:\n{}", wrong.len(), wrong.join("\n"));
+    }
+
+    #[test]
+    fn domain_rules_and_dns_settings() {
+        let text = format!(
+            "{HEAD}  network:\n    allow:\n      - domain: API.Example.test.\n        ports: [443]\n      - domain: \"*.cdn.example.test\"\n      - cidr: 10.0.0.0/8\n    deny:\n      - domain: bad.cdn.example.test\n  dns:\n    upstream: [127.0.0.53, \"[::1]:5353\"]\n    min_ttl: 1s\n    max_ttl: 10m\n"
+        );
+        let p = parse_policy_str(&text, "t.yaml").unwrap();
+        let d = &p.network.domains;
+        assert_eq!(d.len(), 3);
+        assert_eq!((d[0].pattern.to_string(), d[0].action, d[0].ports.clone()), ("api.example.test".into(), Action::Allow, vec![(443, 443)]));
+        assert_eq!((d[1].name.as_str(), d[2].name.as_str(), d[2].action), ("allow[1]", "deny[0]", Action::Deny));
+        assert_eq!(p.network.allow.len(), 1);
+        let dns = p.dns.unwrap();
+        assert_eq!(dns.upstream, vec!["127.0.0.53:53".parse().unwrap(), "[::1]:5353".parse().unwrap()]);
+        assert_eq!((dns.min_ttl_secs, dns.max_ttl_secs, dns.allow_private_answers), (1, 600, false));
+        let w = &d[1].pattern;
+        assert!(w.matches("a.cdn.example.test") && w.matches("x.y.cdn.example.test"));
+        assert!(!w.matches("cdn.example.test") && !w.matches("evilcdn.example.test") && !w.matches("example.test"));
+        // No domain rules and no dns section: DNS is judged like any traffic.
+        assert!(parse_policy_str(&with_network("    default: deny\n"), "t.yaml").unwrap().dns.is_none());
+        // min_ttl above max_ttl is refused.
+        assert!(parse_policy_str(&format!("{HEAD}  dns:\n    min_ttl: 2h\n    max_ttl: 1h\n"), "t.yaml").unwrap_err().to_string().contains("longer than dns.max_ttl"));
     }
 }

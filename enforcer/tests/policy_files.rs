@@ -23,5 +23,5 @@ fn every_shipped_policy_parses_and_compiles() {
         }
         checked += 1;
     }
-    assert!(checked >= 3, "expected the shipped example policies, found {checked}");
+    assert!(checked >= 4, "expected the shipped example policies, found {checked}");
 }
