@@ -16,6 +16,10 @@ pub mod limits {
     /// Port/protocol clauses that may apply to one address prefix (all allow and deny
     /// rules whose CIDR covers it, one clause per port range). Bounds the kernel loop.
     pub const MAX_CLAUSES_PER_PREFIX: usize = 32;
+    /// Addresses learned from DNS answers, per family, summed over all bindings.
+    pub const MAX_LEARNED_ADDRS: u32 = 16_384;
+    /// Domain rules one learned address can be open for at once.
+    pub const MAX_LEARNED_CLAUSES: usize = 8;
     /// Distinct prefixes per address family summed over all policy slots.
     pub const MAX_PREFIXES_PER_FAMILY: u32 = 131_072;
     /// Length of a policy name in the kernel config (NUL padded).
@@ -63,6 +67,13 @@ pub mod names {
     pub const PROG_SENDMSG4: &str = "enf_sendmsg4";
     pub const PROG_SENDMSG6: &str = "enf_sendmsg6";
     pub const PROG_SOCK_CREATE: &str = "enf_sock_create";
+    pub const PROG_RECVMSG4: &str = "enf_recvmsg4";
+    pub const PROG_RECVMSG6: &str = "enf_recvmsg6";
+    pub const PROG_GETPEERNAME4: &str = "enf_getpeername4";
+    pub const PROG_GETPEERNAME6: &str = "enf_getpeername6";
+    pub const MAP_DNS_ORIGINS: &str = "ENF_DNS_ORIG";
+    pub const MAP_LEARN4: &str = "ENF_LEARN4";
+    pub const MAP_LEARN6: &str = "ENF_LEARN6";
 
     pub const MAP_FILES: &str = "ENF_FILES";
     pub const MAP_PENDING: &str = "ENF_PENDING";
@@ -203,7 +214,11 @@ pub struct Binding {
     pub slot: u32,
     /// Kill switch (`enforcer isolate`): non-zero denies every network operation of the
     /// cgroup, whatever the policy and its mode say.
-    pub isolated: u32,
+    pub isolated: u16,
+    /// Loopback port (host order) of the controller's DNS proxy for this cgroup; 0 = DNS
+    /// is judged like any other traffic. Non-zero sends every port-53 connect and send
+    /// there, whichever server they name.
+    pub dns_port: u16,
 }
 const _: () = assert!(core::mem::size_of::<Binding>() == 16);
 
@@ -272,13 +287,27 @@ pub struct Net6Key {
 }
 const _: () = assert!(core::mem::size_of::<Net6Key>() == 20);
 
+/// What DNS answers opened for one address (`ENF_LEARN4/6`, keyed by `Net4Key` /
+/// `Net6Key` with the *binding* in `slot`: learned addresses outlive policy reloads and
+/// grants). Every clause expires; the kernel skips expired ones, so the controller
+/// needs not be alive for an address to close. Consulted only when the policy's own
+/// rules left the destination to the default deny.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LearnedClauses {
+    pub count: u32,
+    pub _pad: u32,
+    pub clauses: [Clause; limits::MAX_LEARNED_CLAUSES],
+}
+const _: () = assert!(core::mem::size_of::<LearnedClauses>() == 8 + 16 * limits::MAX_LEARNED_CLAUSES);
+
 /// Bits of a key's prefix length taken by the slot.
 pub const SLOT_PREFIX_BITS: u32 = 32;
 
 /// One port/protocol condition of a rule: matches when the protocol bit is in
 /// `protocols` and `port_lo <= port <= port_hi` (host byte order).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Clause {
     pub port_lo: u16,
     pub port_hi: u16,
@@ -321,6 +350,26 @@ impl PrefixClauses {
 pub mod family {
     pub const INET: u8 = 2;
     pub const INET6: u8 = 10;
+}
+
+/// The server a redirected DNS socket named (`ENF_DNS_ORIG`, keyed by socket cookie).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsOrigin {
+    /// The server the socket named, as the socket's family writes it (IPv4 in the first
+    /// four bytes; IPv4-mapped for an IPv6 socket sending to IPv4).
+    pub addr: [u8; 16],
+    /// Host order.
+    pub port: u16,
+    pub family: u8,
+    pub _pad: [u8; 5],
+}
+const _: () = assert!(core::mem::size_of::<DnsOrigin>() == 24);
+
+/// DNS redirection to the controller's proxy.
+pub mod dns {
+    pub const PORT: u16 = 53;
+    pub const MAX_REDIRECTED_SOCKETS: u32 = 65_536;
 }
 
 /// One decision, as the kernel reports it through `ENF_EVENTS`.
@@ -499,6 +548,8 @@ mod user {
     use super::*;
     // SAFETY: all types are repr(C), Copy, with no implicit padding (sizes asserted).
     unsafe impl aya::Pod for Binding {}
+    unsafe impl aya::Pod for DnsOrigin {}
+    unsafe impl aya::Pod for LearnedClauses {}
     unsafe impl aya::Pod for PolicyConfig {}
     unsafe impl aya::Pod for Net4Key {}
     unsafe impl aya::Pod for Net6Key {}

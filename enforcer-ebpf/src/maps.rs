@@ -3,11 +3,11 @@
 //! program set, so each controller reads the events of the cgroups it attached.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use enforcer_common::{
-    Binding, DECISION_STRIDE, FileEntry, FileKey, Net4Key, Net6Key, PendingKey, PendingValue, PolicyConfig,
-    PrefixClauses, counter, limits,
+    Binding, DECISION_STRIDE, DnsOrigin, LearnedClauses, FileEntry, FileKey, Net4Key, Net6Key, PendingKey, PendingValue, PolicyConfig,
+    PrefixClauses, counter, dns, limits,
 };
 
 /// binding (one per attached cgroup) -> cgroup id and policy slot.
@@ -51,3 +51,16 @@ pub static ENF_PENDING_SCRATCH: PerCpuArray<PendingValue> = PerCpuArray::with_ma
 
 #[map(name = "ENF_EVENTS")]
 pub static ENF_EVENTS: RingBuf = RingBuf::with_byte_size(limits::EVENTS_RING_BYTES, 0);
+
+/// Socket cookie -> the DNS server a redirected socket named (see `net::redirect_dns4`).
+/// LRU: sockets close without telling us, so old entries must make room by themselves.
+#[map(name = "ENF_DNS_ORIG")]
+pub static ENF_DNS_ORIG: LruHashMap<u64, DnsOrigin> = LruHashMap::pinned(dns::MAX_REDIRECTED_SOCKETS, 0);
+
+/// (binding, IPv4 address) -> domain rules a DNS answer opened it for, with expiries.
+#[map(name = "ENF_LEARN4")]
+pub static ENF_LEARN4: HashMap<Net4Key, LearnedClauses> = HashMap::pinned(limits::MAX_LEARNED_ADDRS, 0);
+
+/// (binding, IPv6 address) -> the same for IPv6.
+#[map(name = "ENF_LEARN6")]
+pub static ENF_LEARN6: HashMap<Net6Key, LearnedClauses> = HashMap::pinned(limits::MAX_LEARNED_ADDRS, 0);

@@ -1,7 +1,7 @@
 //! Shared lookups: which policy governs the current task, and what a destination's
 //! clauses say.
 use aya_ebpf::{Global, helpers::generated::bpf_ktime_get_boot_ns};
-use enforcer_common::{PolicyConfig, PrefixClauses, action, limits};
+use enforcer_common::{LearnedClauses, PolicyConfig, PrefixClauses, action, limits};
 
 use crate::maps::{ENF_BINDINGS, ENF_POLICIES};
 
@@ -16,15 +16,16 @@ pub enum Governing {
     /// The binding holds no policy (being detached, or a controller died mid-write):
     /// fail closed.
     Broken { slot: u32 },
-    /// `isolated`: the kill switch is on; deny whatever the rules say.
-    Policy { slot: u32, config: &'static PolicyConfig, isolated: bool },
+    /// `isolated`: the kill switch is on; deny whatever the rules say. `dns_port`: the
+    /// loopback port of the cgroup's DNS proxy (0 = none).
+    Policy { slot: u32, config: &'static PolicyConfig, isolated: bool, dns_port: u16 },
 }
 
 #[inline(always)]
 pub fn governing_policy() -> Governing {
-    let (slot, isolated) = match ENF_BINDINGS.get(ENF_BINDING.load()) {
-        Some(b) => (b.slot, b.isolated != 0),
-        None => (0, false),
+    let (slot, isolated, dns_port) = match ENF_BINDINGS.get(ENF_BINDING.load()) {
+        Some(b) => (b.slot, b.isolated != 0, b.dns_port),
+        None => (0, false, 0),
     };
     if slot == 0 || slot >= limits::MAX_POLICY_SLOTS {
         return Governing::Broken { slot: 0 };
@@ -34,6 +35,7 @@ pub fn governing_policy() -> Governing {
             slot,
             config: unsafe { &*(config as *const PolicyConfig) },
             isolated,
+            dns_port,
         },
         _ => Governing::Broken { slot },
     }
@@ -85,4 +87,37 @@ pub fn judge_clauses(
     } else {
         RuleVerdict { action: default_action, rule_id: 0 }
     }
+}
+
+/// The DNS proxy port of this program set's binding (0 = none).
+#[inline(always)]
+pub fn dns_proxy_port() -> u16 {
+    ENF_BINDINGS.get(ENF_BINDING.load()).map_or(0, |b| b.dns_port)
+}
+
+/// A destination the rules left to the default deny may still have been opened by a DNS
+/// answer: the first unexpired learned clause matching port and protocol allows.
+#[inline(always)]
+pub fn judge_learned(rule: RuleVerdict, learned: Option<&LearnedClauses>, port: u16, proto_bit: u8) -> RuleVerdict {
+    let Some(entry) = learned else { return rule };
+    let count = entry.count as usize;
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let mut i = 0;
+    while i < limits::MAX_LEARNED_CLAUSES {
+        if i >= count {
+            break;
+        }
+        let clause = &entry.clauses[i];
+        i += 1;
+        if clause.expires_at > now && clause.protocols & proto_bit != 0 && clause.port_lo <= port && port <= clause.port_hi {
+            return RuleVerdict { action: action::ALLOW, rule_id: clause.rule_id as u32 };
+        }
+    }
+    rule
+}
+
+/// This program set's binding index.
+#[inline(always)]
+pub fn binding_index() -> u32 {
+    ENF_BINDING.load()
 }

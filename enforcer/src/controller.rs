@@ -36,6 +36,10 @@ pub struct Confinement {
     pub files: FileEnforcement,
     pub policy: String,
     pub slot: u32,
+    pub binding: u32,
+    /// The DNS proxy's sockets, bound before the policy was installed (their port is in
+    /// the binding); `start_dns` serves them.
+    pub dns: Option<crate::learned::DnsListeners>,
 }
 
 impl Confinement {
@@ -140,6 +144,16 @@ pub fn confine(mount: &Path, path: &Path, base: &Policy, opts: &FileOptions) -> 
         Err(loader::LoaderError::NotAttached) => 1, // the first attach creates the tables
         Err(e) => return Err(e.into()),
     };
+    // The proxy's port goes into the binding with the policy, so DNS is redirected from
+    // the first decision on; its settings are checked before anything is attached.
+    let dns = match &base.dns {
+        None => None,
+        Some(_) => {
+            crate::learned::proxy_rules(base)?;
+            Some(crate::learned::bind_listeners()?)
+        }
+    };
+    let dns_port = loader::DnsPort::Set(dns.as_ref().map_or(0, |l| l.port));
     let started = std::time::Instant::now();
     let (mut programs, files) = match &compiled.files {
         None => (ProgramSet::load(binding, None)?, FileEnforcement::None),
@@ -173,7 +187,7 @@ pub fn confine(mount: &Path, path: &Path, base: &Policy, opts: &FileOptions) -> 
     info!(elapsed_ms = started.elapsed().as_millis() as u64, files = files.name(), "programs loaded and verified");
     let mut tables = Tables::open_pinned()?;
     let had_links = loader::pinned_link_count(id) > 0;
-    let slot = tables.install(binding, id, &shown, &compiled, base)?;
+    let slot = tables.install(binding, id, &shown, &compiled, base, dns_port)?;
     if let FileEnforcement::Fanotify { state, .. } = &files {
         state.write().expect("file tables lock").slot = slot;
     }
@@ -186,12 +200,19 @@ pub fn confine(mount: &Path, path: &Path, base: &Policy, opts: &FileOptions) -> 
         return Err(e.into());
     }
     tracing::debug!(cgroup = %shown, cgroup_id = id, policy = %compiled.name, binding, slot, "policy installed");
-    Ok(Confinement { id, display: shown, programs, files, policy: compiled.name, slot })
+    Ok(Confinement { id, display: shown, programs, files, policy: compiled.name, slot, binding, dns })
 }
 
 /// Re-installs a confined cgroup's policy from `base` (SIGHUP in `attach`), keeping its
 /// grants, in one binding update. The programs stay as they are.
-pub fn reinstall(mount: &Path, path: &Path, base: &Policy, opts: &FileOptions, files: &FileEnforcement) -> anyhow::Result<u32> {
+pub fn reinstall(
+    mount: &Path,
+    path: &Path,
+    base: &Policy,
+    opts: &FileOptions,
+    files: &FileEnforcement,
+    dns: Option<&crate::learned::DnsService>,
+) -> anyhow::Result<u32> {
     let id = cgroup::cgroup_id(path)?;
     let shown = cgroup::display_path(mount, path);
     let _lock = StateLock::acquire()?;
@@ -203,10 +224,25 @@ pub fn reinstall(mount: &Path, path: &Path, base: &Policy, opts: &FileOptions, f
         compiled.files.is_none() || !matches!(files, FileEnforcement::None),
         "the new policy has file rules but this attach started without them: attach again to enforce them"
     );
+    anyhow::ensure!(
+        base.dns.is_none() || dns.is_some(),
+        "the new policy has domain rules or a dns section but this attach started without them: attach again"
+    );
+    if base.dns.is_some() {
+        crate::learned::proxy_rules(base)?;
+    }
     let binding = tables.binding_for(id)?;
-    let slot = tables.install(binding, id, &shown, &compiled, base)?;
+    // Without DNS rules port 53 is judged like any port again; the proxy idles.
+    let dns_port = match (base.dns.is_some(), dns) {
+        (true, Some(service)) => loader::DnsPort::Set(service.port),
+        _ => loader::DnsPort::Set(0),
+    };
+    let slot = tables.install(binding, id, &shown, &compiled, base, dns_port)?;
     if let (FileEnforcement::Fanotify { state, .. }, Some(new)) = (files, compiled.files.clone()) {
         *state.write().expect("file tables lock") = FanotifyState::new(slot, &compiled, new);
+    }
+    if let (Some(service), Some(_)) = (dns, &base.dns) {
+        service.reload(base)?;
     }
     Ok(slot)
 }
@@ -238,7 +274,7 @@ pub fn update_grants(
     let home = info.home.clone().unwrap_or_else(|| PathBuf::from("/root"));
     let compiled = compile_all(&grants::apply(&base, &grants), &home)?;
     let binding = tables.binding_for(id)?;
-    tables.install(binding, id, &shown, &compiled, &base)?;
+    tables.install(binding, id, &shown, &compiled, &base, loader::DnsPort::Keep)?;
     grants::save(id, &grants).context("saving grants")?;
     Ok(grants)
 }
@@ -369,6 +405,7 @@ pub async fn reload_on_hangup(
     mode: Option<crate::policy::Mode>,
     opts: FileOptions,
     files: Arc<FileEnforcement>,
+    dns: Option<Arc<crate::learned::DnsService>>,
 ) {
     let Ok(mut hup) = tokio::signal::unix::signal(SignalKind::hangup()) else { return };
     while hup.recv().await.is_some() {
@@ -378,7 +415,7 @@ pub async fn reload_on_hangup(
                 if let Some(mode) = mode {
                     policy.mode = mode;
                 }
-                reinstall(&mount, &path, &policy, &opts, &files)
+                reinstall(&mount, &path, &policy, &opts, &files, dns.as_deref())
             });
         match result {
             Ok(slot) => {
@@ -391,6 +428,19 @@ pub async fn reload_on_hangup(
             }
         }
     }
+}
+
+/// Serves the confinement's DNS proxy, if its policy has one.
+pub fn start_dns(
+    confinement: &mut Confinement,
+    policy: &Policy,
+    publisher: crate::sinks::Publisher,
+) -> anyhow::Result<Option<Arc<crate::learned::DnsService>>> {
+    let Some(listeners) = confinement.dns.take() else { return Ok(None) };
+    let port = listeners.port;
+    let service = crate::learned::start(listeners, confinement.binding, policy, publisher, confinement.display.clone(), confinement.id)?;
+    info!(port, "DNS proxy serving the cgroup's DNS on 127.0.0.1 and ::1");
+    Ok(Some(Arc::new(service)))
 }
 
 pub async fn terminated() {

@@ -24,7 +24,7 @@ use aya::{
     programs::{CgroupSock, CgroupSockAddr, Lsm, links::FdLink},
 };
 use enforcer_common::{
-    Binding, FileEntry, FileKey, KernelOffsets, Net4Key, Net6Key, PendingKey, PendingValue, PolicyConfig,
+    Binding, FileEntry, FileKey, KernelOffsets, LearnedClauses, Net4Key, Net6Key, PendingKey, PendingValue, PolicyConfig,
     PrefixClauses, SLOT_PREFIX_BITS, decision_index, hook, limits, names, verdict,
 };
 use serde::{Deserialize, Serialize};
@@ -74,12 +74,16 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> L
 }
 
 /// The hooks and the kernel attach type of each (uapi `enum bpf_attach_type`).
-const HOOKS: [(&str, u32); 5] = [
-    (names::PROG_CONNECT4, 10),    // BPF_CGROUP_INET4_CONNECT
-    (names::PROG_CONNECT6, 11),    // BPF_CGROUP_INET6_CONNECT
-    (names::PROG_SENDMSG4, 14),    // BPF_CGROUP_UDP4_SENDMSG
-    (names::PROG_SENDMSG6, 15),    // BPF_CGROUP_UDP6_SENDMSG
-    (names::PROG_SOCK_CREATE, 2),  // BPF_CGROUP_INET_SOCK_CREATE
+const HOOKS: [(&str, u32); 9] = [
+    (names::PROG_CONNECT4, 10),     // BPF_CGROUP_INET4_CONNECT
+    (names::PROG_CONNECT6, 11),     // BPF_CGROUP_INET6_CONNECT
+    (names::PROG_SENDMSG4, 14),     // BPF_CGROUP_UDP4_SENDMSG
+    (names::PROG_SENDMSG6, 15),     // BPF_CGROUP_UDP6_SENDMSG
+    (names::PROG_SOCK_CREATE, 2),   // BPF_CGROUP_INET_SOCK_CREATE
+    (names::PROG_RECVMSG4, 19),     // BPF_CGROUP_UDP4_RECVMSG
+    (names::PROG_RECVMSG6, 20),     // BPF_CGROUP_UDP6_RECVMSG
+    (names::PROG_GETPEERNAME4, 29), // BPF_CGROUP_INET4_GETPEERNAME
+    (names::PROG_GETPEERNAME6, 30), // BPF_CGROUP_INET6_GETPEERNAME
 ];
 
 pub fn maps_dir() -> PathBuf {
@@ -393,6 +397,14 @@ pub fn read_slot_info(slot: u32) -> Option<SlotInfo> {
 }
 
 /// The pinned policy tables and counters.
+/// Where the binding's DNS proxy listens: a controller sets it; a process that only
+/// recompiles the policy (`grant`) keeps what is there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DnsPort {
+    Keep,
+    Set(u16),
+}
+
 pub struct Tables {
     bindings: Array<MapData, Binding>,
     policies: Array<MapData, PolicyConfig>,
@@ -418,6 +430,93 @@ macro_rules! typed_map {
         let name = $name;
         open_pinned_map(name)?.try_into().map_err(|source| LoaderError::Map { name, source })?
     }};
+}
+
+/// The tables of addresses learned from DNS answers, for the proxy's thread.
+pub struct LearnedTables {
+    learn4: HashMap<MapData, Net4Key, LearnedClauses>,
+    learn6: HashMap<MapData, Net6Key, LearnedClauses>,
+}
+
+impl LearnedTables {
+    pub fn open_pinned() -> Result<Self, LoaderError> {
+        Ok(Self { learn4: typed_map!(names::MAP_LEARN4), learn6: typed_map!(names::MAP_LEARN6) })
+    }
+
+    /// Sets what `addr` is open for under `binding` (IPv4-mapped addresses go to the
+    /// IPv4 table, where the kernel looks for them); an empty list removes the entry.
+    pub fn set(&mut self, binding: u32, addr: std::net::IpAddr, clauses: &LearnedClauses) -> Result<(), LoaderError> {
+        let full = |source| LoaderError::TableFull { table: names::MAP_LEARN4, source };
+        match addr.to_canonical() {
+            std::net::IpAddr::V4(v4) => {
+                let key = Net4Key { slot: binding, addr: v4.octets() };
+                if clauses.count == 0 {
+                    let _ = self.learn4.remove(&key);
+                    Ok(())
+                } else {
+                    self.learn4.insert(key, clauses, 0).map_err(full)
+                }
+            }
+            std::net::IpAddr::V6(v6) => {
+                let key = Net6Key { slot: binding, addr: v6.octets() };
+                if clauses.count == 0 {
+                    let _ = self.learn6.remove(&key);
+                    Ok(())
+                } else {
+                    self.learn6
+                        .insert(key, clauses, 0)
+                        .map_err(|source| LoaderError::TableFull { table: names::MAP_LEARN6, source })
+                }
+            }
+        }
+    }
+
+    pub fn get(&self, binding: u32, addr: std::net::IpAddr) -> Option<LearnedClauses> {
+        match addr.to_canonical() {
+            std::net::IpAddr::V4(v4) => self.learn4.get(&Net4Key { slot: binding, addr: v4.octets() }, 0).ok(),
+            std::net::IpAddr::V6(v6) => self.learn6.get(&Net6Key { slot: binding, addr: v6.octets() }, 0).ok(),
+        }
+    }
+
+    /// Replaces each of the binding's entries with `f(entry)` (an empty result removes it).
+    pub fn rewrite(&mut self, binding: u32, f: impl Fn(&LearnedClauses) -> LearnedClauses) {
+        let keys4: Vec<_> = self.learn4.keys().filter_map(Result::ok).filter(|k| k.slot == binding).collect();
+        for key in keys4 {
+            if let Ok(v) = self.learn4.get(&key, 0) {
+                let _ = self.set(binding, std::net::IpAddr::from(key.addr), &f(&v));
+            }
+        }
+        let keys6: Vec<_> = self.learn6.keys().filter_map(Result::ok).filter(|k| k.slot == binding).collect();
+        for key in keys6 {
+            if let Ok(v) = self.learn6.get(&key, 0) {
+                let _ = self.set(binding, std::net::IpAddr::from(key.addr), &f(&v));
+            }
+        }
+    }
+
+    /// Removes the binding's entries for which `drop` says so; returns how many remain.
+    pub fn forget(&mut self, binding: u32, drop: impl Fn(&LearnedClauses) -> bool) -> usize {
+        let mut remaining = 0;
+        let keys4: Vec<_> = self.learn4.keys().filter_map(Result::ok).filter(|k| k.slot == binding).collect();
+        for key in keys4 {
+            match self.learn4.get(&key, 0) {
+                Ok(v) if !drop(&v) => remaining += 1,
+                _ => {
+                    let _ = self.learn4.remove(&key);
+                }
+            }
+        }
+        let keys6: Vec<_> = self.learn6.keys().filter_map(Result::ok).filter(|k| k.slot == binding).collect();
+        for key in keys6 {
+            match self.learn6.get(&key, 0) {
+                Ok(v) if !drop(&v) => remaining += 1,
+                _ => {
+                    let _ = self.learn6.remove(&key);
+                }
+            }
+        }
+        remaining
+    }
 }
 
 impl Tables {
@@ -448,7 +547,7 @@ impl Tables {
     pub fn set_isolated(&mut self, cgroup_id: u64, on: bool) -> Result<bool, LoaderError> {
         let Some(&(index, binding)) = self.bound().get(&cgroup_id) else { return Ok(false) };
         self.bindings
-            .set(index, Binding { isolated: on as u32, ..binding }, 0)
+            .set(index, Binding { isolated: on as u16, ..binding }, 0)
             .map_err(|source| LoaderError::Map { name: names::MAP_BINDINGS, source })?;
         Ok(true)
     }
@@ -493,6 +592,7 @@ impl Tables {
         cgroup_display: &str,
         compiled: &CompiledPolicy,
         base: &crate::policy::Policy,
+        dns_port: DnsPort,
     ) -> Result<u32, LoaderError> {
         let used: BTreeSet<u32> = self.confined().into_values().collect();
         // Round-robin from the cgroup's current slot, so a freed slot is not reused at
@@ -525,8 +625,13 @@ impl Tables {
             .map_err(io_err("writing", &info_path))?;
         let previous = self.slot_of(cgroup_id);
         // A new policy does not lift the kill switch; only `release` does.
-        let isolated = self.is_isolated(cgroup_id) as u32;
-        if let Err(source) = self.bindings.set(binding, Binding { cgroup_id, slot, isolated }, 0) {
+        let current = self.bound().get(&cgroup_id).map(|(_, b)| *b);
+        let isolated = current.map_or(0, |b| b.isolated);
+        let dns_port = match dns_port {
+            DnsPort::Keep => current.map_or(0, |b| b.dns_port),
+            DnsPort::Set(port) => port,
+        };
+        if let Err(source) = self.bindings.set(binding, Binding { cgroup_id, slot, isolated, dns_port }, 0) {
             let _ = self.clear_slot(slot);
             return Err(LoaderError::Map { name: names::MAP_BINDINGS, source });
         }
@@ -610,9 +715,10 @@ impl Tables {
     pub fn uninstall(&mut self, cgroup_id: u64) -> Result<Option<u32>, LoaderError> {
         let Some(&(binding, Binding { slot, .. })) = self.bound().get(&cgroup_id) else { return Ok(None) };
         self.bindings
-            .set(binding, Binding { cgroup_id: 0, slot: 0, isolated: 0 }, 0)
+            .set(binding, Binding { cgroup_id: 0, slot: 0, isolated: 0, dns_port: 0 }, 0)
             .map_err(|source| LoaderError::Map { name: names::MAP_BINDINGS, source })?;
         self.clear_slot(slot)?;
+        LearnedTables::open_pinned()?.forget(binding, |_| true);
         Ok(Some(slot))
     }
 

@@ -9,7 +9,7 @@ use enforcer::{
     policy::{self, Mode},
     probe, sinks,
 };
-use tracing::info;
+use tracing::{info, warn};
 
 #[derive(Parser)]
 #[command(name = "enforcer", version, about = "eBPF egress enforcer for autonomous AI agents")]
@@ -253,13 +253,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let ring = confinement.programs.take_events()?;
             let enricher = Enricher::new(&mount, &path);
             let fanotify = controller::start_fanotify(&confinement, &mount, &path, fan_out.publisher())?;
+            let dns = controller::start_dns(&mut confinement, &policy, fan_out.publisher())?;
             confinement.announce();
             let file_enforcement = std::sync::Arc::new(std::mem::replace(&mut confinement.files, controller::FileEnforcement::None));
             runtime()?.block_on(async {
                 controller::start_metrics(metrics_addr.as_deref()).await?;
-                tokio::spawn(controller::reload_on_hangup(mount.clone(), path.clone(), policy_file, mode, opts, file_enforcement));
+                let dns_for_stop = dns.clone();
+                tokio::spawn(controller::reload_on_hangup(mount.clone(), path.clone(), policy_file, mode, opts, file_enforcement, dns));
                 controller::stream_events(ring, enricher, fan_out, async {
                     controller::terminated().await;
+                    if let Some(dns) = dns_for_stop {
+                        warn!("the DNS proxy stops with this controller: the cgroup's names stop resolving until it is back");
+                        dns.stop();
+                    }
                     // File rules enforced here end with the controller; say so first.
                     if fanotify.is_some() {
                         tracing::warn!("file rules were enforced by fanotify in this controller and stop with it");
@@ -295,6 +301,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let ring = confinement.programs.take_events()?;
                 let enricher = Enricher::new(&mount, &path);
                 let fanotify = controller::start_fanotify(&confinement, &mount, &path, fan_out.publisher())?;
+                let dns = controller::start_dns(&mut confinement, &policy, fan_out.publisher())?;
                 confinement.announce();
                 let mut child = controller::spawn_confined(&path, &command, run_as.as_ref())?;
                 let pid = child.id();
@@ -317,6 +324,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             }
                         }
                         drop(fanotify);
+                        if let Some(dns) = dns {
+                            dns.stop();
+                        }
                     };
                     controller::stream_events(ring, enricher, fan_out, stop).await?;
                     let status = status.context("lost the command's exit status")?.context("waiting for the command")?;
@@ -478,6 +488,8 @@ fn describe(p: &probe::Probe) -> String {
         probe::Probe::Raw => "raw".into(),
         probe::Probe::Icmp => "icmp".into(),
         probe::Probe::Reopen(p) => format!("reopen:{}", p.display()),
+        probe::Probe::DnsUdp(name, a) => format!("dns-udp:{name}@{a}"),
+        probe::Probe::DnsTcp(name, a) => format!("dns-tcp:{name}@{a}"),
     }
 }
 

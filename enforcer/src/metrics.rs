@@ -1,10 +1,51 @@
 //! Prometheus metrics, read from the pinned kernel counters at every scrape (so they
 //! survive controller restarts), served as text at `/metrics`.
-use prometheus::{Encoder as _, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use std::sync::LazyLock;
+
+use prometheus::{
+    Encoder as _, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::loader::{self, Tables};
 use enforcer_common::{counter, hook, verdict};
+
+/// DNS proxy outcomes. The proxy lives in this process, so these are process-wide
+/// collectors, registered into every scrape's registry (unlike the kernel counters,
+/// they start again at zero with the controller).
+pub static DNS_QUERIES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    IntCounterVec::new(
+        Opts::new("enforcer_dns_queries_total", "DNS proxy queries by verdict and reason"),
+        &["verdict", "reason"],
+    )
+    .expect("valid metric")
+});
+pub static DNS_UPSTREAM_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    Histogram::with_opts(
+        HistogramOpts::new("enforcer_dns_upstream_seconds", "Time the upstream resolver took to answer")
+            .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+    )
+    .expect("valid metric")
+});
+pub static DNS_DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
+    IntCounter::new(
+        "enforcer_dns_dropped_packets_total",
+        "Packets the DNS proxy dropped unanswered (no readable header, a response, oversize)",
+    )
+    .expect("valid metric")
+});
+static DNS_LEARNED: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    IntGaugeVec::new(
+        Opts::new("enforcer_dns_learned_ips", "Addresses DNS answers currently hold open"),
+        &["policy"],
+    )
+    .expect("valid metric")
+});
+
+/// How many addresses DNS answers hold open for `policy` now.
+pub fn set_dns_learned(policy: &str, n: usize) {
+    DNS_LEARNED.with_label_values(&[policy]).set(i64::try_from(n).unwrap_or(i64::MAX));
+}
 
 /// Renders the current metrics in the Prometheus text format.
 pub fn render() -> String {
@@ -71,6 +112,10 @@ pub fn render() -> String {
     registry.register(Box::new(fail_closed.clone())).expect("unique metric");
     registry.register(Box::new(info.clone())).expect("unique metric");
     registry.register(Box::new(isolated.clone())).expect("unique metric");
+    registry.register(Box::new(DNS_QUERIES.clone())).expect("unique metric");
+    registry.register(Box::new(DNS_UPSTREAM_SECONDS.clone())).expect("unique metric");
+    registry.register(Box::new(DNS_DROPPED.clone())).expect("unique metric");
+    registry.register(Box::new(DNS_LEARNED.clone())).expect("unique metric");
 
     if let Ok(tables) = Tables::open_pinned() {
         for (cgroup_id, slot) in tables.confined() {

@@ -26,6 +26,12 @@ pub enum Probe {
     /// Open a file with O_PATH (no access asked), then read it through
     /// /proc/self/fd/N: the re-open must be judged like a direct open.
     Reopen(std::path::PathBuf),
+    /// A DNS A query for the name, sent with sendto() on an unconnected UDP socket;
+    /// `ok` when a NOERROR answer came back from the very address asked (a redirect
+    /// that did not restore the source shows as `from-ADDR`), else the RCODE's name.
+    DnsUdp(String, SocketAddr),
+    /// The same over TCP; the peer's address (getpeername) must be the one asked.
+    DnsTcp(String, SocketAddr),
 }
 
 impl std::str::FromStr for Probe {
@@ -38,6 +44,13 @@ impl std::str::FromStr for Probe {
         }
         if let Some(path) = s.strip_prefix("reopen:") {
             return Ok(Self::Reopen(path.into()));
+        }
+        for (prefix, tcp) in [("dns-udp:", false), ("dns-tcp:", true)] {
+            if let Some(rest) = s.strip_prefix(prefix) {
+                let (name, server) = rest.split_once('@').ok_or_else(|| format!("{s:?}: expected {prefix}NAME@ADDR:PORT"))?;
+                let server: SocketAddr = server.parse().map_err(|e| format!("{s:?}: {e} (IPv6 as [::1]:53)"))?;
+                return Ok(if tcp { Self::DnsTcp(name.into(), server) } else { Self::DnsUdp(name.into(), server) });
+            }
         }
         let (kind, addr) = s
             .split_once(':')
@@ -100,6 +113,65 @@ pub fn run(probe: &Probe) -> io::Result<()> {
             let handle = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_PATH).open(path)?;
             std::fs::read(format!("/proc/self/fd/{}", handle.as_raw_fd())).map(|_| ())
         }
+        Probe::DnsUdp(name, server) => {
+            let sock = UdpSocket::bind(local_for(server))?;
+            sock.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let (id, query) = dns_query(name);
+            sock.send_to(&query, server)?;
+            let mut buf = [0u8; 4096];
+            let (n, from) = sock.recv_from(&mut buf)?;
+            if from != *server {
+                return Err(io::Error::other(format!("from-{from}")));
+            }
+            dns_rcode(&buf[..n], id)
+        }
+        Probe::DnsTcp(name, server) => {
+            use std::io::{Read as _, Write as _};
+            let mut stream = TcpStream::connect_timeout(server, Duration::from_secs(3))?;
+            stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let peer = stream.peer_addr()?;
+            if peer != *server {
+                return Err(io::Error::other(format!("from-{peer}")));
+            }
+            let (id, query) = dns_query(name);
+            let mut framed = (query.len() as u16).to_be_bytes().to_vec();
+            framed.extend_from_slice(&query);
+            stream.write_all(&framed)?;
+            let mut len = [0u8; 2];
+            stream.read_exact(&mut len)?;
+            let mut reply = vec![0u8; u16::from_be_bytes(len) as usize];
+            stream.read_exact(&mut reply)?;
+            dns_rcode(&reply, id)
+        }
+    }
+}
+
+/// A minimal A query with recursion desired.
+fn dns_query(name: &str) -> (u16, Vec<u8>) {
+    let id = (std::process::id() as u16) ^ 0x5a5a;
+    let mut q = Vec::with_capacity(32 + name.len());
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.trim_end_matches('.').split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    (id, q)
+}
+
+/// `Ok` for a NOERROR reply to our ID, else the RCODE's name.
+fn dns_rcode(reply: &[u8], id: u16) -> io::Result<()> {
+    if reply.len() < 12 || reply[..2] != id.to_be_bytes() || reply[2] & 0x80 == 0 {
+        return Err(io::Error::other("bad-reply"));
+    }
+    match reply[3] & 0x0f {
+        0 => Ok(()),
+        1 => Err(io::Error::other("FORMERR")),
+        2 => Err(io::Error::other("SERVFAIL")),
+        3 => Err(io::Error::other("NXDOMAIN")),
+        5 => Err(io::Error::other("REFUSED")),
+        n => Err(io::Error::other(format!("rcode-{n}"))),
     }
 }
 
@@ -183,5 +255,7 @@ mod tests {
         assert_eq!("icmp".parse(), Ok(Probe::Icmp));
         assert!("ping:1.2.3.4:0".parse::<Probe>().unwrap_err().contains("unknown kind"));
         assert!("tcp:nonsense".parse::<Probe>().is_err());
+        assert_eq!("dns-udp:a.test@[::1]:53".parse(), Ok(Probe::DnsUdp("a.test".into(), "[::1]:53".parse().unwrap())));
+        assert!("dns-tcp:127.0.0.1:53".parse::<Probe>().unwrap_err().contains("NAME@ADDR"));
     }
 }

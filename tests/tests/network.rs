@@ -179,11 +179,11 @@ fn enforcement_survives_kill_9_and_a_new_attach_takes_over() {
     let mut c = Controller::attach(cg.arg(), &deny, &[]);
     c.kill9();
     assert_eq!(probe_in(&cg.path, &t), vec!["EPERM"], "enforcement must stay after kill -9");
-    assert_eq!(links_pinned(cg.id()), 5, "the five links stay pinned");
+    assert_eq!(links_pinned(cg.id()), 9, "the nine links stay pinned");
     let allow = policy("kill9-allow", "enforce", &allow_one_port(port));
     let _c2 = Controller::attach(cg.arg(), &allow, &[]);
     assert_eq!(probe_in(&cg.path, &t), vec!["ok"], "the new attach's policy is in force");
-    assert_eq!(links_pinned(cg.id()), 5, "old links were replaced, not added to");
+    assert_eq!(links_pinned(cg.id()), 9, "old links were replaced, not added to");
     let status = enforcer(&["status", "--json"]);
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status --json is JSON");
     let mine: Vec<_> = status["attached"].as_array().unwrap().iter().filter(|a| a["cgroup_id"] == cg.id()).collect();

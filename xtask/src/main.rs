@@ -67,6 +67,10 @@ const APT_PACKAGES: &[&str] = &[
     "python3",
     "prometheus", // a real Prometheus scrapes --metrics-addr in the tests
     "rsyslog",    // a real syslog daemon receives --syslog in the tests
+    // DNS tests and bench: a real upstream, real clients, a real load generator
+    "dnsmasq-base",
+    "bind9-dnsutils",
+    "dnsperf",
     // vm-test: boot stock kernels (BPF-LSM) with a busybox initramfs
     "qemu-system-x86",
     "busybox-static",
