@@ -296,7 +296,7 @@ pub fn start(
     let policy_name = policy.name.clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     std::thread::Builder::new().name("dns-proxy".into()).spawn(move || {
-        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("dns-proxy").enable_all().build() {
             Ok(r) => r,
             Err(e) => return tracing::error!("DNS proxy runtime: {e}"),
         };
