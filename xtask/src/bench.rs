@@ -6,7 +6,8 @@
 //! 3. enforcer with a 10-rule policy;
 //! 4. enforcer with a 10,000-rule policy.
 //!
-//! The worker (this binary, re-executed) joins a setup's cgroup before exec.
+//! Then file opens, event throughput and DNS (`dns_bench`). The worker (this binary,
+//! re-executed) joins a setup's cgroup before exec.
 use std::{
     ffi::CString,
     fs,
@@ -20,6 +21,10 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 
+// A sibling file, kept beside bench.rs rather than under bench/.
+#[path = "dns_bench.rs"]
+mod dns_bench;
+
 const ROUNDS: usize = 5;
 
 pub fn run(iterations: u32) -> anyhow::Result<()> {
@@ -28,9 +33,12 @@ pub fn run(iterations: u32) -> anyhow::Result<()> {
     }
     ensure!(super::is_root(), "the benchmark attaches BPF programs and needs root");
     let mount = cgroup2_mount()?;
-    // XTASK_BENCH_ONLY=files runs only the file-open part (developers iterating on it).
-    if std::env::var("XTASK_BENCH_ONLY").as_deref() == Ok("files") {
-        return files_bench(&mount);
+    // XTASK_BENCH_ONLY=files|dns runs only that part (developers iterating on it).
+    match std::env::var("XTASK_BENCH_ONLY").as_deref() {
+        Ok("files") => return files_bench(&mount),
+        Ok("dns") => return dns_bench::dns_bench(&mount),
+        Ok(other) => bail!("XTASK_BENCH_ONLY={other}: expected files or dns"),
+        Err(_) => {}
     }
     let base = mount.join(format!("enforcer-bench-{}", std::process::id()));
     let cgroups: Vec<PathBuf> = SETUPS.iter().map(|(name, _)| base.join(name)).collect();
@@ -48,7 +56,8 @@ pub fn run(iterations: u32) -> anyhow::Result<()> {
     let rows = result?;
     report(&rows);
     events_bench(&mount)?;
-    files_bench(&mount)
+    files_bench(&mount)?;
+    dns_bench::dns_bench(&mount)
 }
 
 /// Directories between the bench tree's root and the opened file.
@@ -411,10 +420,19 @@ fn run_worker(kind: &str, cgroup: &Path, iterations: u32) -> anyhow::Result<f64>
 
 /// Runs the worker inside the cgroup and returns what it printed.
 fn run_worker_raw(kind: &str, cgroup: &Path, iterations: u32) -> anyhow::Result<String> {
-    let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())?;
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.args(["bench", "--iterations", &iterations.to_string(), "--event-rate", &event_rate().to_string()])
         .env("XTASK_BENCH_WORKER", kind);
+    join_cgroup_on_exec(&mut cmd, cgroup)?;
+    let out = cmd.output().context("running the bench worker")?;
+    ensure!(out.status.success(), "bench worker failed: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Makes the child move itself into `cgroup` between fork and exec, so everything it
+/// runs is confined from its first instruction.
+fn join_cgroup_on_exec(cmd: &mut Command, cgroup: &Path) -> anyhow::Result<()> {
+    let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())?;
     // SAFETY: open/write/close only, between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -426,9 +444,7 @@ fn run_worker_raw(kind: &str, cgroup: &Path, iterations: u32) -> anyhow::Result<
             Ok(())
         });
     }
-    let out = cmd.output().context("running the bench worker")?;
-    ensure!(out.status.success(), "bench worker failed: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(())
 }
 
 fn worker(kind: &str, iterations: u32) -> anyhow::Result<()> {
