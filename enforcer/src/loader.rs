@@ -478,44 +478,32 @@ impl LearnedTables {
         }
     }
 
-    /// Replaces each of the binding's entries with `f(entry)` (an empty result removes it).
-    pub fn rewrite(&mut self, binding: u32, f: impl Fn(&LearnedClauses) -> LearnedClauses) {
-        let keys4: Vec<_> = self.learn4.keys().filter_map(Result::ok).filter(|k| k.slot == binding).collect();
-        for key in keys4 {
-            if let Ok(v) = self.learn4.get(&key, 0) {
-                let _ = self.set(binding, std::net::IpAddr::from(key.addr), &f(&v));
+    /// The binding's learned addresses with what they are open for.
+    fn entries(&self, binding: u32) -> Vec<(std::net::IpAddr, LearnedClauses)> {
+        let v4 = self.learn4.iter().filter_map(Result::ok).filter(|(k, _)| k.slot == binding);
+        let v6 = self.learn6.iter().filter_map(Result::ok).filter(|(k, _)| k.slot == binding);
+        v4.map(|(k, v)| (std::net::IpAddr::from(k.addr), v)).chain(v6.map(|(k, v)| (std::net::IpAddr::from(k.addr), v))).collect()
+    }
+
+    /// Replaces each of the binding's entries with `f(entry)` (an empty result removes
+    /// it); returns how many remain.
+    pub fn rewrite(&mut self, binding: u32, f: impl Fn(&LearnedClauses) -> LearnedClauses) -> usize {
+        let mut remaining = 0;
+        for (addr, old) in self.entries(binding) {
+            let new = f(&old);
+            if new.count != 0 {
+                remaining += 1;
+            }
+            if new != old {
+                let _ = self.set(binding, addr, &new);
             }
         }
-        let keys6: Vec<_> = self.learn6.keys().filter_map(Result::ok).filter(|k| k.slot == binding).collect();
-        for key in keys6 {
-            if let Ok(v) = self.learn6.get(&key, 0) {
-                let _ = self.set(binding, std::net::IpAddr::from(key.addr), &f(&v));
-            }
-        }
+        remaining
     }
 
     /// Removes the binding's entries for which `drop` says so; returns how many remain.
     pub fn forget(&mut self, binding: u32, drop: impl Fn(&LearnedClauses) -> bool) -> usize {
-        let mut remaining = 0;
-        let keys4: Vec<_> = self.learn4.keys().filter_map(Result::ok).filter(|k| k.slot == binding).collect();
-        for key in keys4 {
-            match self.learn4.get(&key, 0) {
-                Ok(v) if !drop(&v) => remaining += 1,
-                _ => {
-                    let _ = self.learn4.remove(&key);
-                }
-            }
-        }
-        let keys6: Vec<_> = self.learn6.keys().filter_map(Result::ok).filter(|k| k.slot == binding).collect();
-        for key in keys6 {
-            match self.learn6.get(&key, 0) {
-                Ok(v) if !drop(&v) => remaining += 1,
-                _ => {
-                    let _ = self.learn6.remove(&key);
-                }
-            }
-        }
-        remaining
+        self.rewrite(binding, |v| if drop(v) { LearnedClauses { count: 0, ..*v } } else { *v })
     }
 }
 

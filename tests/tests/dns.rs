@@ -338,3 +338,39 @@ fn exfiltration_shaped_and_private_answers_are_refused_and_counted() {
     let t = ["tcp:127.0.77.60:80"];
     assert_outcomes(&t, &probe_in(&cg.path, &t), &[false]);
 }
+
+#[test]
+fn a_reload_keeps_addresses_of_kept_rules_and_closes_those_of_removed_ones() {
+    require_root();
+    let (kept, dropped) = ("127.0.77.70", "127.0.77.71");
+    let (kept_port, dropped_port) = (loopback_port(kept), loopback_port(dropped));
+    let up = Dnsmasq::start(&[
+        format!("--host-record=kept.example.test,{kept},300"),
+        format!("--host-record=dropped.example.test,{dropped},300"),
+    ]);
+    let cg = TestCgroup::new("dns-reload");
+    let dns = format!("    upstream: [\"{}:53\"]\n    allow_private_answers: true\n", up.addr);
+    let p = dns_policy(
+        "dns-reload",
+        "    allow:\n      - domain: dropped.example.test\n      - domain: kept.example.test\n",
+        &dns,
+    );
+    let c = Controller::attach(cg.arg(), &p, &[]);
+    for name in ["kept.example.test", "dropped.example.test"] {
+        assert_eq!(status(&dig_in(&cg, "127.0.0.99", &[name])), "NOERROR", "{name}");
+    }
+    let t = [format!("tcp:{kept}:{kept_port}"), format!("tcp:{dropped}:{dropped_port}")];
+    assert_outcomes(&t, &probe_in(&cg.path, &t), &[true, true]);
+
+    // The kept rule moves from id 2 to id 1; the other rule is gone.
+    let reloaded = dns_policy("dns-reload", "    allow:\n      - domain: kept.example.test\n", &dns);
+    std::fs::copy(&reloaded.0, &p.0).expect("rewrite the policy");
+    unsafe { libc::kill(c.child.id() as i32, libc::SIGHUP) };
+    let start = Instant::now();
+    while !c.stderr_lines.lock().unwrap().iter().any(|l| l.contains("policy reloaded")) {
+        assert!(start.elapsed() < Duration::from_secs(10), "no reload");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_outcomes(&t, &probe_in(&cg.path, &t), &[true, false]);
+    assert_eq!(status(&dig_in(&cg, "127.0.0.99", &["dropped.example.test"])), "REFUSED");
+}
