@@ -7,7 +7,7 @@
 //! checks, so an address closes on time even when no controller is running.
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener, UdpSocket},
     sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
@@ -198,10 +198,9 @@ impl KernelOpener {
 impl Opener for KernelOpener {
     fn open(&self, rule_id: u16, ips: &[(IpAddr, Duration)]) -> Result<(), String> {
         let view = self.view.read().expect("policy view");
-        let rule = view
-            .domains
-            .get(rule_id as usize - 1)
-            .filter(|_| rule_id != 0)
+        let rule = (rule_id as usize)
+            .checked_sub(1)
+            .and_then(|i| view.domains.get(i))
             .ok_or_else(|| format!("no domain rule {rule_id}"))?;
         let now = boot_now_ns();
         let mut written = self.written.lock().expect("written cache");
@@ -353,11 +352,6 @@ impl DnsService {
         self.proxy.replace_rules(rules);
         Ok(())
     }
-}
-
-/// The loopback addresses the kernel sends redirected DNS to.
-pub fn proxy_addresses(port: u16) -> [SocketAddr; 2] {
-    [SocketAddr::from((Ipv4Addr::LOCALHOST, port)), SocketAddr::from((Ipv6Addr::LOCALHOST, port))]
 }
 
 #[cfg(test)]
