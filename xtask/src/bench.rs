@@ -6,8 +6,9 @@
 //! 3. enforcer with a 10-rule policy;
 //! 4. enforcer with a 10,000-rule policy.
 //!
-//! Then file opens, event throughput and DNS (`dns_bench`). The worker (this binary,
-//! re-executed) joins a setup's cgroup before exec.
+//! Then event throughput, file opens (fanotify on this machine, BPF-LSM in a QEMU guest
+//! on stock kernels) and DNS (`dns_bench`). The worker (this binary, re-executed) joins
+//! a setup's cgroup before exec.
 use std::{
     ffi::CString,
     fs,
@@ -16,7 +17,7 @@ use std::{
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail, ensure};
@@ -27,17 +28,23 @@ mod dns_bench;
 
 const ROUNDS: usize = 5;
 
+/// The worker named by `XTASK_BENCH_WORKER`, in the cgroup it was started in.
+pub fn run_worker_here(iterations: u32) -> anyhow::Result<()> {
+    let kind = std::env::var("XTASK_BENCH_WORKER").context("XTASK_BENCH_WORKER")?;
+    worker(&kind, iterations)
+}
+
 pub fn run(iterations: u32) -> anyhow::Result<()> {
-    if let Ok(kind) = std::env::var("XTASK_BENCH_WORKER") {
-        return worker(&kind, iterations);
-    }
     ensure!(super::is_root(), "the benchmark attaches BPF programs and needs root");
     let mount = cgroup2_mount()?;
-    // XTASK_BENCH_ONLY=files|dns runs only that part (developers iterating on it).
+    // XTASK_BENCH_ONLY=files|files-native|files-vm|dns runs only that part (developers
+    // iterating on it); `files` is both file backends.
     match std::env::var("XTASK_BENCH_ONLY").as_deref() {
-        Ok("files") => return files_bench(&mount),
+        Ok("files") => return files_bench(&mount).and_then(|()| super::vm::run_files_bench()),
+        Ok("files-native") => return files_bench(&mount),
+        Ok("files-vm") => return super::vm::run_files_bench(),
         Ok("dns") => return dns_bench::dns_bench(&mount),
-        Ok(other) => bail!("XTASK_BENCH_ONLY={other}: expected files or dns"),
+        Ok(other) => bail!("XTASK_BENCH_ONLY={other}: expected files, files-native, files-vm or dns"),
         Err(_) => {}
     }
     let base = mount.join(format!("enforcer-bench-{}", std::process::id()));
@@ -49,7 +56,7 @@ pub fn run(iterations: u32) -> anyhow::Result<()> {
     let result = measure_all(&cgroups, iterations);
     drop(stats);
     for cg in &cgroups {
-        let _ = Command::new(super::enforcer_bin()).args(["detach", "--cgroup"]).arg(cg).stderr(Stdio::null()).status();
+        detach(cg);
         let _ = fs::remove_dir(cg);
     }
     let _ = fs::remove_dir(&base);
@@ -57,11 +64,60 @@ pub fn run(iterations: u32) -> anyhow::Result<()> {
     report(&rows);
     events_bench(&mount)?;
     files_bench(&mount)?;
+    super::vm::run_files_bench()?;
     dns_bench::dns_bench(&mount)
+}
+
+fn detach(cgroup: &Path) {
+    let _ = Command::new(super::enforcer_bin()).args(["detach", "--cgroup"]).arg(cgroup).stderr(Stdio::null()).status();
 }
 
 /// Directories between the bench tree's root and the opened file.
 const FILE_DEPTH: usize = 8;
+
+/// The file-open bench's files: a file FILE_DEPTH directories below `root/tree`, and
+/// policies that allow reading `root/tree` among `rules` read rules.
+struct FileBenchTree {
+    root: PathBuf,
+    file: PathBuf,
+}
+
+impl FileBenchTree {
+    fn create(root: &Path) -> anyhow::Result<Self> {
+        let mut deep = root.join("tree");
+        for i in 0..FILE_DEPTH {
+            deep.push(format!("d{i}"));
+        }
+        fs::create_dir_all(&deep).with_context(|| format!("creating {}", deep.display()))?;
+        let file = deep.join("file");
+        fs::write(&file, "x")?;
+        Ok(Self { root: root.to_path_buf(), file })
+    }
+
+    /// A policy of `rules` read rules (the tree and `rules - 1` other directories),
+    /// written beside the tree.
+    fn policy(&self, rules: usize) -> anyhow::Result<PathBuf> {
+        let mut yaml = String::from(
+            "apiVersion: enforcer/v1\nkind: AgentPolicy\nmetadata:\n  name: bench-files\nspec:\n  network:\n    default: allow\n  files:\n    default: allow\n    read:\n",
+        );
+        yaml.push_str(&format!("      - {}\n", self.root.join("tree").display()));
+        for i in 1..rules {
+            let other = self.root.join("other").join(format!("r{i}"));
+            fs::create_dir_all(&other)?;
+            yaml.push_str(&format!("      - {}\n", other.display()));
+        }
+        let path = self.root.join(format!("policy-{rules}.yaml"));
+        fs::write(&path, yaml)?;
+        Ok(path)
+    }
+
+    /// ns per open+close of the file, from a worker in `cgroup`.
+    fn measure(&self, cgroup: &Path, iterations: u32) -> anyhow::Result<f64> {
+        let mut cmd = worker_command("open", cgroup, iterations)?;
+        cmd.env("XTASK_BENCH_FILE", &self.file);
+        worker_output(cmd)?.trim().parse().context("worker output")
+    }
+}
 
 /// open+close of a file 8 directories deep under a read-allowed tree, with no enforcer,
 /// then with policies of 10 and 1,000 file rules, interleaved over rounds. The backend
@@ -74,28 +130,8 @@ fn files_bench(mount: &Path) -> anyhow::Result<()> {
 }
 
 fn files_bench_in(mount: &Path, root: &Path) -> anyhow::Result<()> {
-    let mut deep = root.join("tree");
-    for i in 0..FILE_DEPTH {
-        deep.push(format!("d{i}"));
-    }
-    fs::create_dir_all(&deep)?;
-    let file = deep.join("file");
-    fs::write(&file, "x")?;
-    let policy_with = |rules: usize| -> anyhow::Result<PathBuf> {
-        let mut yaml = String::from(
-            "apiVersion: enforcer/v1\nkind: AgentPolicy\nmetadata:\n  name: bench-files\nspec:\n  network:\n    default: allow\n  files:\n    default: allow\n    read:\n",
-        );
-        yaml.push_str(&format!("      - {}\n", root.join("tree").display()));
-        for i in 1..rules {
-            let other = root.join("other").join(format!("r{i}"));
-            fs::create_dir_all(&other)?;
-            yaml.push_str(&format!("      - {}\n", other.display()));
-        }
-        let path = root.join(format!("policy-{rules}.yaml"));
-        fs::write(&path, yaml)?;
-        Ok(path)
-    };
-    let setups = [("no enforcer", None), ("10 file rules", Some(policy_with(10)?)), ("1,000 file rules", Some(policy_with(1000)?))];
+    let tree = FileBenchTree::create(root)?;
+    let setups = [("no enforcer", None), ("10 file rules", Some(tree.policy(10)?)), ("1,000 file rules", Some(tree.policy(1000)?))];
     let cgroup = mount.join(format!("enforcer-bench-files-{}", std::process::id()));
     fs::create_dir_all(&cgroup)?;
     let iterations = 20_000;
@@ -112,20 +148,17 @@ fn files_bench_in(mount: &Path, root: &Path) -> anyhow::Result<()> {
                     }
                     None => None,
                 };
-                // SAFETY: the bench is single-threaded here; the worker inherits the variable.
-                unsafe { std::env::set_var("XTASK_BENCH_FILE", &file) };
-                let ns = run_worker("open", &cgroup, iterations);
+                let ns = tree.measure(&cgroup, iterations);
                 if let Some(mut c) = controller {
-                    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-                    let _ = c.wait();
-                    let _ = Command::new(super::enforcer_bin()).args(["detach", "--cgroup"]).arg(&cgroup).stderr(Stdio::null()).status();
+                    stop_controller(&mut c);
+                    detach(&cgroup);
                 }
                 samples[i].push(ns?);
             }
         }
         Ok(())
     })();
-    let _ = Command::new(super::enforcer_bin()).args(["detach", "--cgroup"]).arg(&cgroup).stderr(Stdio::null()).status();
+    detach(&cgroup);
     let _ = fs::remove_dir(&cgroup);
     outcome?;
     let medians: Vec<f64> = samples.into_iter().map(median).collect();
@@ -137,6 +170,134 @@ fn files_bench_in(mount: &Path, root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Rounds per BPF-LSM phase; each round measures the confined cgroup and a cgroup
+/// outside it, alternately.
+const LSM_ROUNDS: usize = 3;
+
+/// One enforced phase of the BPF-LSM bench.
+struct LsmPhase {
+    rules: usize,
+    /// ns per open+close in the confined cgroup, and in a cgroup the programs do not
+    /// govern (every other process on the machine), per round.
+    confined: Vec<f64>,
+    outside: Vec<f64>,
+    /// Mean in-kernel time of one file_open program run (kernel.bpf_stats_enabled
+    /// accounting), for confined and for outside openers, per round.
+    prog_confined: Vec<f64>,
+    prog_outside: Vec<f64>,
+}
+
+/// Inside the QEMU guest, where BPF-LSM programs load: open+close of the bench file
+/// with no programs loaded at all (the baseline, before, between and after the
+/// phases), then for each policy (10 and 1,000 file rules) attached with
+/// `--file-backend bpf-lsm`, in the confined cgroup and in one outside it. Verifying a
+/// file program set takes minutes under TCG, so each policy is attached once and the
+/// baseline is taken around the phases instead of interleaved with them; the spread
+/// of the baseline rounds shows the drift.
+pub fn guest_lsm_files_bench(iterations: u32) -> anyhow::Result<()> {
+    let mount = cgroup2_mount()?;
+    let root = std::env::temp_dir().join("enforcer-bench-files");
+    let tree = FileBenchTree::create(&root)?;
+    let outside = mount.join("enforcer-bench-outside");
+    let confined = mount.join("enforcer-bench-confined");
+    for cg in [&outside, &confined] {
+        fs::create_dir_all(cg).with_context(|| format!("creating {}", cg.display()))?;
+    }
+    let stats = BpfStats::enable()?;
+    let mut baseline = Vec::new();
+    let mut phases = Vec::new();
+    let result = (|| -> anyhow::Result<()> {
+        for rules in [10, 1000] {
+            baseline.push(tree.measure(&outside, iterations)?);
+            let policy = tree.policy(rules)?;
+            println!("bench: attaching {rules} file rules (the verifier takes minutes under TCG)");
+            let started = Instant::now();
+            let (mut controller, backend) =
+                attach_reporting(&confined, &policy, &["--events", "/dev/null", "--file-backend", "bpf-lsm"])?;
+            println!("bench: attached with backend {backend} in {:.0?}", started.elapsed());
+            let phase = (|| -> anyhow::Result<LsmPhase> {
+                ensure!(backend == "bpf-lsm", "attach used backend {backend}, not bpf-lsm");
+                let prog = enforcer_prog(&confined, "enf_file_open")?;
+                let mut p = LsmPhase { rules, confined: vec![], outside: vec![], prog_confined: vec![], prog_outside: vec![] };
+                let per_run = |cgroup: &Path, times: &mut Vec<f64>, progs: &mut Vec<f64>| -> anyhow::Result<()> {
+                    let (t0, n0) = prog_run_stats(prog)?;
+                    times.push(tree.measure(cgroup, iterations)?);
+                    let (t1, n1) = prog_run_stats(prog)?;
+                    if n1 > n0 {
+                        progs.push((t1 - t0) as f64 / (n1 - n0) as f64);
+                    }
+                    Ok(())
+                };
+                for _ in 0..LSM_ROUNDS {
+                    per_run(&confined, &mut p.confined, &mut p.prog_confined)?;
+                    per_run(&outside, &mut p.outside, &mut p.prog_outside)?;
+                }
+                unsafe { libc::close(prog) };
+                Ok(p)
+            })();
+            stop_controller(&mut controller);
+            detach(&confined);
+            phases.push(phase?);
+        }
+        baseline.push(tree.measure(&outside, iterations)?);
+        Ok(())
+    })();
+    drop(stats);
+    detach(&confined);
+    for cg in [&outside, &confined] {
+        let _ = fs::remove_dir(cg);
+    }
+    let _ = fs::remove_dir_all(&root);
+    result?;
+    let (lo, hi) = baseline.iter().fold((f64::MAX, 0f64), |(lo, hi), &b| (lo.min(b), hi.max(b)));
+    let base = median(baseline.clone());
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!(
+        "\nbench: BPF-LSM file open+close on {}, {FILE_DEPTH} directories deep, {iterations} per run, medians of {LSM_ROUNDS} rounds (QEMU TCG):",
+        kernel.trim()
+    );
+    println!("bench:   {:<34} {:>10} {:>7} {:>16}", "setup", "ns/open", "ratio", "file_open run");
+    println!(
+        "bench:   {:<34} {base:>10.0} {:>6.2}x {:>16}   (baseline runs {lo:.0}..{hi:.0})",
+        "no programs loaded (baseline)", 1.0, "-"
+    );
+    for p in &phases {
+        for (who, times, progs) in [("confined", &p.confined, &p.prog_confined), ("outside the cgroup", &p.outside, &p.prog_outside)] {
+            let ns = median(times.clone());
+            let prog = if progs.is_empty() { "-".to_string() } else { format!("{:.0} ns", median(progs.clone())) };
+            println!("bench:   {:<34} {ns:>10.0} {:>6.2}x {prog:>16}", format!("{} file rules, {who}", p.rules), ns / base);
+        }
+    }
+    for p in &phases {
+        let ratio = median(p.confined.clone()) / base;
+        println!(
+            "bench: goal (allowed open <= 1.10x the baseline) at {} file rules: {ratio:.2}x, {}",
+            p.rules,
+            if ratio <= 1.10 { "met" } else { "NOT met" }
+        );
+    }
+    Ok(())
+}
+
+/// How long the controller gets to exit after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// SIGTERM, then SIGKILL after STOP_GRACE, saying so: a controller that ignores SIGTERM
+/// is a bug to report, not a reason to hang the bench.
+fn stop_controller(controller: &mut Child) {
+    unsafe { libc::kill(controller.id() as i32, libc::SIGTERM) };
+    let start = Instant::now();
+    while start.elapsed() < STOP_GRACE {
+        if let Ok(Some(_)) = controller.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("
+WARNING: the controller did not exit within {} s of SIGTERM; killed it", STOP_GRACE.as_secs());
+    let _ = controller.kill();
+    let _ = controller.wait();
+}
 
 /// How long the throughput bench generates events.
 const EVENT_SECS: u64 = 5;
@@ -209,12 +370,11 @@ fn events_bench(mount: &Path) -> anyhow::Result<()> {
                 }
             ))
         })();
-        unsafe { libc::kill(controller.id() as i32, libc::SIGTERM) };
-        let _ = controller.wait();
+        stop_controller(&mut controller);
         println!("{}", out?);
         Ok(())
     })();
-    let _ = Command::new(super::enforcer_bin()).args(["detach", "--cgroup"]).arg(&cgroup).stderr(Stdio::null()).status();
+    detach(&cgroup);
     let _ = fs::remove_dir(&cgroup);
     let _ = fs::remove_dir_all(&dir);
     result
@@ -266,7 +426,7 @@ fn measure_all(cgroups: &[PathBuf], iterations: u32) -> anyhow::Result<Vec<Row>>
         let controller = attach(cg, &policy);
         let _ = fs::remove_file(&policy);
         controllers.push(controller?);
-        prog_fds.push(Some(enforcer_connect4_prog(cg)?));
+        prog_fds.push(Some(enforcer_prog(cg, "enf_connect4")?));
     }
     let result = (|| {
         let mut udp: Vec<Vec<f64>> = vec![Vec::new(); SETUPS.len()];
@@ -300,8 +460,7 @@ fn measure_all(cgroups: &[PathBuf], iterations: u32) -> anyhow::Result<Vec<Row>>
         unsafe { libc::close(fd) };
     }
     for mut c in controllers {
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        let _ = c.wait();
+        stop_controller(&mut c);
     }
     drop(empty);
     result
@@ -387,17 +546,17 @@ fn prog_run_stats(fd: i32) -> anyhow::Result<(u64, u64)> {
     Ok((field("run_time_ns:")?, field("run_cnt:")?))
 }
 
-/// An fd of the connect4 program enforcer attached to the cgroup: pinned link ->
-/// its prog_id (fdinfo) -> BPF_PROG_GET_FD_BY_ID.
-fn enforcer_connect4_prog(cgroup: &Path) -> anyhow::Result<i32> {
+/// An fd of the program enforcer attached to the cgroup under `name` (enf_connect4,
+/// enf_file_open, ...): pinned link -> its prog_id (fdinfo) -> BPF_PROG_GET_FD_BY_ID.
+fn enforcer_prog(cgroup: &Path, name: &str) -> anyhow::Result<i32> {
     use std::os::unix::fs::MetadataExt as _;
     let id = fs::metadata(cgroup)?.ino();
     let dir = Path::new("/sys/fs/bpf/enforcer/cgroups").join(id.to_string());
     let pin = fs::read_dir(&dir)?
         .flatten()
         .map(|e| e.path())
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("enf_connect4")))
-        .with_context(|| format!("no connect4 link pinned in {}", dir.display()))?;
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{name}_"))))
+        .with_context(|| format!("no {name} link pinned in {}", dir.display()))?;
     let c_pin = CString::new(pin.as_os_str().as_encoded_bytes())?;
     let mut attr = [0u8; 128];
     attr[0..8].copy_from_slice(&(c_pin.as_ptr() as u64).to_ne_bytes());
@@ -410,7 +569,7 @@ fn enforcer_connect4_prog(cgroup: &Path) -> anyhow::Result<i32> {
         .context("no prog_id in the link's fdinfo")?;
     let mut attr = [0u8; 128];
     attr[0..4].copy_from_slice(&prog_id.to_ne_bytes());
-    bpf(BPF_PROG_GET_FD_BY_ID, &mut attr).context("opening the connect4 program by id")
+    bpf(BPF_PROG_GET_FD_BY_ID, &mut attr).with_context(|| format!("opening the {name} program by id"))
 }
 
 /// Runs the worker inside the cgroup; it prints the median ns/op of its rounds.
@@ -420,10 +579,19 @@ fn run_worker(kind: &str, cgroup: &Path, iterations: u32) -> anyhow::Result<f64>
 
 /// Runs the worker inside the cgroup and returns what it printed.
 fn run_worker_raw(kind: &str, cgroup: &Path, iterations: u32) -> anyhow::Result<String> {
+    worker_output(worker_command(kind, cgroup, iterations)?)
+}
+
+/// This binary as the `kind` worker, joining `cgroup` before exec.
+fn worker_command(kind: &str, cgroup: &Path, iterations: u32) -> anyhow::Result<Command> {
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.args(["bench", "--iterations", &iterations.to_string(), "--event-rate", &event_rate().to_string()])
         .env("XTASK_BENCH_WORKER", kind);
     join_cgroup_on_exec(&mut cmd, cgroup)?;
+    Ok(cmd)
+}
+
+fn worker_output(mut cmd: Command) -> anyhow::Result<String> {
     let out = cmd.output().context("running the bench worker")?;
     ensure!(out.status.success(), "bench worker failed: {}", String::from_utf8_lossy(&out.stderr));
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())

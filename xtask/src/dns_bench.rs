@@ -183,7 +183,7 @@ pub(super) fn dns_bench(mount: &Path) -> anyhow::Result<()> {
     let cgroup = mount.join(format!("enforcer-bench-dns-{}", std::process::id()));
     fs::create_dir_all(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
     let result = dns_bench_in(&cgroup, &dir);
-    let _ = Command::new(crate::enforcer_bin()).args(["detach", "--cgroup"]).arg(&cgroup).stderr(Stdio::null()).status();
+    super::detach(&cgroup);
     let _ = fs::remove_dir(&cgroup);
     let _ = fs::remove_dir_all(&dir);
     result
@@ -238,30 +238,11 @@ fn dns_bench_in(cgroup: &Path, dir: &Path) -> anyhow::Result<()> {
         );
         Ok(runs)
     })();
-    stop_controller(&mut controller);
+    super::stop_controller(&mut controller);
     report_dns(&outcome?);
     Ok(())
 }
 
-/// How long the controller gets to exit after SIGTERM before it is killed.
-const STOP_GRACE: Duration = Duration::from_secs(5);
-
-/// SIGTERM, then SIGKILL after STOP_GRACE, saying so: a controller that ignores SIGTERM
-/// is a bug to report, not a reason to hang the bench.
-fn stop_controller(controller: &mut Child) {
-    unsafe { libc::kill(controller.id() as i32, libc::SIGTERM) };
-    let start = Instant::now();
-    while start.elapsed() < STOP_GRACE {
-        if let Ok(Some(_)) = controller.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    println!("
-WARNING: the controller did not exit within {} s of SIGTERM; killed it", STOP_GRACE.as_secs());
-    let _ = controller.kill();
-    let _ = controller.wait();
-}
 
 fn report_dns(runs: &[Vec<DnsRun>]) {
     struct Summary {

@@ -48,7 +48,8 @@ enum Task {
         filter: Option<String>,
     },
     /// Measure connect() cost with no programs, an empty program, and enforcer
-    /// policies of 10 and 10,000 rules.
+    /// policies of 10 and 10,000 rules; then events, file opens (fanotify here, BPF-LSM
+    /// in QEMU) and DNS.
     Bench {
         /// Iterations per measurement.
         #[arg(long, default_value_t = 20_000)]
@@ -56,6 +57,13 @@ enum Task {
         /// Events per second for the event-throughput part.
         #[arg(long, default_value_t = 100_000)]
         event_rate: u64,
+    },
+    /// Inside the QEMU guest only (`cargo xtask bench` boots it): the BPF-LSM part of
+    /// the file-open bench.
+    #[command(hide = true)]
+    GuestFilesBench {
+        #[arg(long, default_value_t = 5_000)]
+        iterations: u32,
     },
 }
 
@@ -80,6 +88,15 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // A bench worker (this binary re-executed inside a cgroup, on the host or in the
+    // QEMU guest) and the guest bench measure; they set nothing up and build nothing.
+    match cli.task {
+        Task::Bench { iterations, .. } if std::env::var_os("XTASK_BENCH_WORKER").is_some() => {
+            return bench::run_worker_here(iterations);
+        }
+        Task::GuestFilesBench { iterations } => return bench::guest_lsm_files_bench(iterations),
+        _ => {}
+    }
     std::env::set_current_dir(workspace_root()).context("entering the workspace")?;
     match cli.task {
         Task::Setup => setup(),
@@ -114,6 +131,7 @@ fn main() -> anyhow::Result<()> {
             unsafe { std::env::set_var("XTASK_EVENT_RATE", event_rate.to_string()) };
             bench::run(iterations)
         }
+        Task::GuestFilesBench { .. } => unreachable!("handled above"),
     }
 }
 
@@ -216,8 +234,9 @@ fn build_release() -> anyhow::Result<()> {
     run(Command::new("cargo").args(["build", "--release", "-p", "enforcer"]))
 }
 
+/// The release binary, or `ENFORCER_BIN` where it lives elsewhere (the QEMU guest).
 fn enforcer_bin() -> PathBuf {
-    workspace_root().join("target/release/enforcer")
+    std::env::var_os("ENFORCER_BIN").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target/release/enforcer"))
 }
 
 fn test(filter: Option<&str>) -> anyhow::Result<()> {

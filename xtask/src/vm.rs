@@ -1,9 +1,10 @@
 //! `cargo xtask vm-test`: the root integration tests inside QEMU on stock Debian cloud
-//! kernels (6.1 and 6.12), where BPF-LSM programs load, unlike on the build machine.
+//! kernels (6.1 and 6.12), where BPF-LSM programs load, unlike on the build machine;
+//! and the BPF-LSM part of `cargo xtask bench`, in the same guests.
 //!
 //! Kernels come from Debian's archive through a private apt state (the machine's apt
 //! sources stay untouched) and are cached; the initramfs (busybox, enforcer, the test
-//! executables and their shared libraries) is rebuilt on every run.
+//! executables or the bench, and their shared libraries) is rebuilt on every run.
 use std::{
     collections::BTreeSet,
     io::{BufRead as _, BufReader},
@@ -71,15 +72,30 @@ struct Outcome {
     failures: Vec<String>,
 }
 
-pub fn run_tests(filter: Option<&str>, tally: &mut Tally) -> anyhow::Result<()> {
+/// The kernels to boot: every suite, or those named in `XTASK_VM_SUITES=bookworm,...`
+/// (developers iterating).
+fn kernels() -> anyhow::Result<Vec<Kernel>> {
     let cache = cache_dir()?;
-    let kernels = SUITES.iter().map(|s| kernel(&cache, s)).collect::<anyhow::Result<Vec<_>>>()?;
-    let tests = test_executables()?;
-    // One directory per run: two runs at once must not rebuild each other's initramfs.
+    let only = std::env::var("XTASK_VM_SUITES").ok();
+    let suites: Vec<&str> =
+        SUITES.iter().copied().filter(|s| only.as_deref().is_none_or(|o| o.split(',').any(|n| n == *s))).collect();
+    ensure!(!suites.is_empty(), "XTASK_VM_SUITES names none of {SUITES:?}");
+    suites.iter().map(|s| kernel(&cache, s)).collect()
+}
+
+/// One directory per run: two runs at once must not rebuild each other's initramfs.
+fn work_dir() -> WorkDir {
     let runs = workspace_root().join("target/vm");
     remove_stale_runs(&runs);
-    let work = WorkDir(runs.join(format!("run-{}", std::process::id())));
-    let initrd = initramfs(&work.0, &tests, filter)?;
+    WorkDir(runs.join(format!("run-{}", std::process::id())))
+}
+
+pub fn run_tests(filter: Option<&str>, tally: &mut Tally) -> anyhow::Result<()> {
+    let kernels = kernels()?;
+    let tests = test_executables()?;
+    let work = work_dir();
+    let files: Vec<(String, PathBuf)> = tests.iter().map(|(name, exe)| (format!("tests/{name}"), exe.clone())).collect();
+    let initrd = initramfs(&work.0, &files, &init_script(&tests, filter))?;
     let mut results = Vec::new();
     for k in &kernels {
         step(&format!("booting {} under QEMU (TCG; this takes minutes)", k.release));
@@ -256,16 +272,38 @@ fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-fn init_script(tests: &[(String, PathBuf)], filter: Option<&str>) -> String {
-    let mut args = String::from("--test-threads=1");
-    for (name, _) in SKIP_TESTS {
-        args += &format!(" --skip {name}");
+/// The BPF-LSM part of the file-open bench (`bench::guest_lsm_files_bench`), run by
+/// this same xtask binary inside each guest; its `bench:` lines are repeated at the end.
+pub fn run_files_bench() -> anyhow::Result<()> {
+    step("bench: file opens with BPF-LSM, in QEMU on stock kernels");
+    let kernels = kernels()?;
+    let work = work_dir();
+    let xtask = std::env::current_exe().context("locating the xtask binary")?;
+    let init = format!("{}/bin/xtask guest-files-bench\necho {DONE}\npoweroff -f\n", guest_prelude());
+    let initrd = initramfs(&work.0, &[("bin/xtask".to_string(), xtask)], &init)?;
+    let mut results = Vec::new();
+    for k in &kernels {
+        step(&format!("bench: booting {} under QEMU (TCG; two attaches take minutes)", k.release));
+        let mut lines = Vec::new();
+        let console = boot_console(k, &initrd, |line| {
+            if line.starts_with("bench:") || line.starts_with("Error") {
+                lines.push(line.to_string());
+            }
+        })?;
+        ensure!(console.done, "the bench guest on {} did not finish ({})", k.release, console.end);
+        ensure!(lines.iter().any(|l| l.contains("goal")), "the bench guest on {} printed no result", k.release);
+        results.push(lines);
     }
-    if let Some(f) = filter {
-        args += &format!(" {}", quote(f));
+    println!();
+    for line in results.iter().flatten().filter(|l| !l.starts_with("bench: attach")) {
+        println!("{line}");
     }
-    let mut s = String::from(
-        r#"#!/bin/sh
+    Ok(())
+}
+
+/// The guest's first steps: the filesystems enforcer needs, loopback, the environment.
+fn guest_prelude() -> &'static str {
+    r#"#!/bin/sh
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
@@ -281,9 +319,18 @@ export ENFORCER_TEST_ATTACH_SECS=600
 mkdir -p /root
 cd /root
 echo "kernel $(uname -r), active LSMs $(cat /sys/kernel/security/lsm)"
-/bin/enforcer doctor
-"#,
-    );
+"#
+}
+
+fn init_script(tests: &[(String, PathBuf)], filter: Option<&str>) -> String {
+    let mut args = String::from("--test-threads=1");
+    for (name, _) in SKIP_TESTS {
+        args += &format!(" --skip {name}");
+    }
+    if let Some(f) = filter {
+        args += &format!(" {}", quote(f));
+    }
+    let mut s = format!("{}/bin/enforcer doctor\n", guest_prelude());
     // XTASK_VM_TESTS=files,doctor: only these test binaries (developers iterating).
     let only = std::env::var("XTASK_VM_TESTS").ok();
     for (name, _) in tests {
@@ -309,8 +356,9 @@ fn shared_libs(binary: &Path, libs: &mut BTreeSet<PathBuf>) -> anyhow::Result<()
     Ok(())
 }
 
-/// A fresh initramfs (uncompressed cpio newc: nothing to inflate in a slow guest).
-fn initramfs(work: &Path, tests: &[(String, PathBuf)], filter: Option<&str>) -> anyhow::Result<PathBuf> {
+/// A fresh initramfs (uncompressed cpio newc: nothing to inflate in a slow guest) with
+/// busybox, enforcer, `files` (path in the guest, file on the host) and `init`.
+fn initramfs(work: &Path, files: &[(String, PathBuf)], init_text: &str) -> anyhow::Result<PathBuf> {
     step("building the initramfs");
     let root = work.join("root");
     let _ = std::fs::remove_dir_all(work);
@@ -331,8 +379,8 @@ fn initramfs(work: &Path, tests: &[(String, PathBuf)], filter: Option<&str>) -> 
     ensure!(enforcer.exists(), "no {}: build it first", enforcer.display());
     std::fs::copy(&enforcer, root.join("bin/enforcer"))?;
     shared_libs(&enforcer, &mut libs)?;
-    for (name, exe) in tests {
-        std::fs::copy(exe, root.join("tests").join(name))?;
+    for (dest, exe) in files {
+        std::fs::copy(exe, root.join(dest)).with_context(|| format!("copying {}", exe.display()))?;
         shared_libs(exe, &mut libs)?;
     }
     for lib in &libs {
@@ -345,7 +393,7 @@ fn initramfs(work: &Path, tests: &[(String, PathBuf)], filter: Option<&str>) -> 
     std::fs::write(root.join("etc/hosts"), "127.0.0.1 localhost\n::1 localhost\n")?;
     std::fs::write(root.join("etc/nsswitch.conf"), "passwd: files\ngroup: files\nhosts: files\n")?;
     let init = root.join("init");
-    std::fs::write(&init, init_script(tests, filter))?;
+    std::fs::write(&init, init_text)?;
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755))?;
     let cpio = work.join("initramfs.cpio");
@@ -356,8 +404,16 @@ fn initramfs(work: &Path, tests: &[(String, PathBuf)], filter: Option<&str>) -> 
     Ok(cpio)
 }
 
-/// Boots one kernel, streams its console, and counts libtest's verdicts.
-fn boot(kernel: &Kernel, initrd: &Path) -> anyhow::Result<Outcome> {
+/// How a guest's console ended.
+struct Console {
+    /// The init script reached its end.
+    done: bool,
+    /// qemu's exit status, or the timeout.
+    end: String,
+}
+
+/// Boots one kernel, echoes its console and hands each line to `on_line`.
+fn boot_console(kernel: &Kernel, initrd: &Path, mut on_line: impl FnMut(&str)) -> anyhow::Result<Console> {
     let mut child = Command::new("qemu-system-x86_64")
         .args(["-accel", "tcg", "-m", "2048", "-smp", "2"])
         .arg("-kernel")
@@ -365,7 +421,7 @@ fn boot(kernel: &Kernel, initrd: &Path) -> anyhow::Result<Outcome> {
         .arg("-initrd")
         .arg(initrd)
         .args(["-append", "console=ttyS0 panic=-1 quiet", "-nographic", "-no-reboot"])
-        // No NIC: the tests use loopback only, and the NIC's boot ROM costs time.
+        // No NIC: the guests use loopback only, and the NIC's boot ROM costs time.
         .args(["-nic", "none"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -382,21 +438,31 @@ fn boot(kernel: &Kernel, initrd: &Path) -> anyhow::Result<Outcome> {
         }
     });
     let deadline = Instant::now() + TIMEOUT;
-    let mut o = Outcome::default();
-    let mut failed_in_binary = 0;
     let mut done = false;
     loop {
-        let line = match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(line) => line,
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => {
+                println!("[{}] {line}", kernel.release);
+                done |= line == DONE;
+                on_line(&line);
+            }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let _ = child.kill();
-                o.failed += 1;
-                o.failures.push(format!("timeout after {TIMEOUT:?}"));
-                break;
+                let _ = child.wait();
+                return Ok(Console { done: false, end: format!("timeout after {TIMEOUT:?}") });
             }
-        };
-        println!("[{}] {line}", kernel.release);
+        }
+    }
+    let status = child.wait()?;
+    Ok(Console { done, end: format!("qemu {status}") })
+}
+
+/// Boots one kernel with the test initramfs and counts libtest's verdicts.
+fn boot(kernel: &Kernel, initrd: &Path) -> anyhow::Result<Outcome> {
+    let mut o = Outcome::default();
+    let mut failed_in_binary = 0;
+    let console = boot_console(kernel, initrd, |line| {
         if let Some(rest) = line.strip_prefix("test ") {
             if rest.ends_with(" ... ok") {
                 o.passed += 1;
@@ -414,14 +480,11 @@ fn boot(kernel: &Kernel, initrd: &Path) -> anyhow::Result<Outcome> {
                 o.failures.push(format!("{name} exited with {code}"));
             }
             failed_in_binary = 0;
-        } else if line == DONE {
-            done = true;
         }
-    }
-    let status = child.wait()?;
-    if !done && !o.failures.iter().any(|f| f.starts_with("timeout")) {
+    })?;
+    if !console.done {
         o.failed += 1;
-        o.failures.push(format!("no {DONE} (qemu {status})"));
+        o.failures.push(format!("no {DONE} ({})", console.end));
     }
     Ok(o)
 }
