@@ -1,13 +1,16 @@
 //! Decision counters and events. A failed ring-buffer reservation is counted and never
 //! changes a verdict.
 use aya_ebpf::helpers::{
-    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_probe_read_kernel,
+    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
     bpf_probe_read_kernel_str_bytes,
 };
 use aya_ebpf::helpers::generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns};
 use enforcer_common::{FileEvent, KernelOffsets, NetEvent, counter, decision_index, limits};
 
-use crate::maps::{ENF_COUNTERS, ENF_DECISIONS, ENF_EVENTS};
+use crate::{
+    kmem::{read_ptr, read_u32, read_u64},
+    maps::{ENF_COUNTERS, ENF_DECISIONS, ENF_EVENTS},
+};
 
 #[inline(always)]
 fn bump(map: &aya_ebpf::maps::PerCpuArray<u64>, index: u32) {
@@ -80,11 +83,6 @@ pub struct FileDecision {
     pub change: u8,
 }
 
-#[inline(always)]
-fn read_ptr(base: *const u8, offset: u32) -> *const u8 {
-    unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const *const u8) }.unwrap_or(core::ptr::null())
-}
-
 /// Emits a file decision with the path's components, deepest first (the controller
 /// joins them). Walks the same way as the judge, but only when an event is due.
 #[inline(always)]
@@ -102,8 +100,8 @@ pub fn emit_file_event(d: &FileDecision, o: &KernelOffsets, dentry: *const u8, v
     unsafe {
         (*event).boot_ns = bpf_ktime_get_boot_ns();
         (*event).cgroup_id = bpf_get_current_cgroup_id();
-        (*event).ino = bpf_probe_read_kernel(inode.add(o.inode_i_ino as usize) as *const u64).unwrap_or(0);
-        (*event).dev = bpf_probe_read_kernel(sb.add(o.super_block_s_dev as usize) as *const u32).unwrap_or(0);
+        (*event).ino = read_u64(inode, o.inode_i_ino);
+        (*event).dev = read_u32(sb, o.super_block_s_dev);
         (*event).tid = pid_tgid as u32;
         (*event).pid = (pid_tgid >> 32) as u32;
         (*event).uid = bpf_get_current_uid_gid() as u32;

@@ -12,7 +12,7 @@
 //! running kernel's BTF (`ENF_OFFSETS`), set by the loader.
 use aya_ebpf::{
     Global,
-    helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes},
+    helpers::bpf_probe_read_kernel_str_bytes,
     helpers::generated::bpf_get_current_ancestor_cgroup_id,
     macros::lsm,
     programs::LsmContext,
@@ -24,6 +24,7 @@ use enforcer_common::{
 
 use crate::{
     emit::{self, FileDecision},
+    kmem::{Ptr, read_ptr, read_u32, read_u64},
     maps::{ENF_BINDINGS, ENF_FILES, ENF_PENDING, ENF_PENDING_SCRATCH, ENF_POLICIES},
     policy::ENF_BINDING,
 };
@@ -58,23 +59,6 @@ const FMODE_READ: u32 = 1 << 0;
 const FMODE_WRITE: u32 = 1 << 1;
 const FMODE_EXEC: u32 = 1 << 5;
 const PROT_EXEC: u64 = 4;
-
-type Ptr = *const u8;
-
-#[inline(always)]
-fn read_ptr(base: Ptr, offset: u32) -> Ptr {
-    unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const Ptr) }.unwrap_or(core::ptr::null())
-}
-
-#[inline(always)]
-fn read_u32(base: Ptr, offset: u32) -> u32 {
-    unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const u32) }.unwrap_or(0)
-}
-
-#[inline(always)]
-fn read_u64(base: Ptr, offset: u32) -> u64 {
-    unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const u64) }.unwrap_or(0)
-}
 
 /// The policy slot governing the caller, if the caller sits in this set's cgroup and
 /// the policy judges files. `Err` = governed but broken: fail closed.
@@ -128,38 +112,53 @@ enum Walk {
 /// (the key is always built and looked up, and both ways to the parent assign the same
 /// registers): the verifier then prunes the paths at the loop head instead of
 /// following every combination of branches through all iterations.
+///
+/// A step costs three reads (inode, inode number, parent) and one lookup: the device
+/// and the mount's parent and mount point do not change below a filesystem root, so
+/// they are read again only where the walk crosses into the parent mount.
 #[inline(always)]
-fn nearest_listed<const DEPTH: u32>(o: &KernelOffsets, slot: u32, mut dentry: Ptr, mut vfsmount: Ptr) -> Walk {
+fn nearest_listed<const DEPTH: u32>(o: &KernelOffsets, slot: u32, mut dentry: Ptr, vfsmount: Ptr) -> Walk {
+    let mut mount = (vfsmount as usize).wrapping_sub(o.mount_mnt as usize) as Ptr;
+    let mut parent_mount = read_ptr(mount, o.mount_mnt_parent);
+    let mut mountpoint = read_ptr(mount, o.mount_mnt_mountpoint);
+    // A negative dentry (the name a rename or link creates) has no inode: its device
+    // is its directory's.
+    let mut dev = device_of(o, dentry);
+    if dev == 0 {
+        dev = device_of(o, read_ptr(dentry, o.dentry_d_parent));
+    }
     let mut i = 0;
     while i < DEPTH {
         i += 1;
         // A NULL inode reads as zeros, which names no entry.
         let inode = read_ptr(dentry, o.dentry_d_inode);
-        let key = FileKey {
-            ino: read_u64(inode, o.inode_i_ino),
-            dev: read_u32(read_ptr(inode, o.inode_i_sb), o.super_block_s_dev),
-            slot,
-        };
+        let key = FileKey { ino: read_u64(inode, o.inode_i_ino), dev, slot };
         if let Some(entry) = unsafe { ENF_FILES.get(&key) } {
             return Walk::Listed(*entry);
         }
         let parent = read_ptr(dentry, o.dentry_d_parent);
         // At a filesystem root (its own parent), continue at its mount point in the
         // parent mount; at the namespace root (its own parent mount) stop.
-        let mount = (vfsmount as usize).wrapping_sub(o.mount_mnt as usize) as Ptr;
-        let parent_mount = read_ptr(mount, o.mount_mnt_parent);
-        let mountpoint = read_ptr(mount, o.mount_mnt_mountpoint);
         if dentry.is_null() || (parent == dentry && (parent_mount.is_null() || parent_mount == mount)) {
             return Walk::Unlisted;
         }
         if parent == dentry {
             dentry = mountpoint;
-            vfsmount = (parent_mount as usize).wrapping_add(o.mount_mnt as usize) as Ptr;
+            mount = parent_mount;
+            parent_mount = read_ptr(mount, o.mount_mnt_parent);
+            mountpoint = read_ptr(mount, o.mount_mnt_mountpoint);
+            dev = device_of(o, dentry);
         } else {
             dentry = parent;
         }
     }
     Walk::TooDeep
+}
+
+/// `s_dev` of the superblock of `dentry`'s inode; 0 for a negative dentry.
+#[inline(always)]
+fn device_of(o: &KernelOffsets, dentry: Ptr) -> u32 {
+    read_u32(read_ptr(read_ptr(dentry, o.dentry_d_inode), o.inode_i_sb), o.super_block_s_dev)
 }
 
 /// What the rules say of one target: (allowed, rule id).

@@ -1,10 +1,11 @@
 //! enforcer's kernel programs. One module per hook family; the shared policy lookups
-//! are in `policy`, event and counter output in `emit`.
+//! are in `policy`, event and counter output in `emit`, kernel memory reads in `kmem`.
 #![no_std]
 #![no_main]
 
 mod emit;
 mod files;
+mod kmem;
 mod maps;
 mod net;
 mod policy;
