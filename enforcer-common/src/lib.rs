@@ -476,9 +476,16 @@ pub struct KernelOffsets {
     pub mount_mnt_parent: u32,
     pub mount_mnt_mountpoint: u32,
     pub linux_binprm_file: u32,
+    /// `file.f_inode`, `inode.i_dentry` (its first alias) and `dentry.d_u.d_alias`:
+    /// the real file of an overlayfs backing file that carries the overlay's path.
+    pub file_f_inode: u32,
+    pub inode_i_dentry: u32,
+    pub dentry_d_alias: u32,
     /// 1 when this is the real table (a zeroed table makes the programs deny).
     pub valid: u32,
 }
+
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 19 * 4);
 
 /// One file decision, as the kernel reports it through `ENF_EVENTS` (told apart from
 /// `NetEvent` by its size).

@@ -47,6 +47,9 @@ static ENF_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     mount_mnt_parent: 0,
     mount_mnt_mountpoint: 0,
     linux_binprm_file: 0,
+    file_f_inode: 0,
+    inode_i_dentry: 0,
+    dentry_d_alias: 0,
     valid: 0,
 });
 
@@ -250,7 +253,21 @@ pub fn enf_file_open(ctx: LsmContext) -> i32 {
     if requested == 0 {
         return 0;
     }
-    judge(read_ptr(file, o.file_f_path_dentry), read_ptr(file, o.file_f_path_mnt), requested, hook::FILE_OPEN, change::NONE)
+    let mut dentry = read_ptr(file, o.file_f_path_dentry);
+    let mut vfsmount = read_ptr(file, o.file_f_path_mnt);
+    // Overlayfs opens the real file of a layer for each overlay file. Up to Linux 6.6
+    // that backing file carries the overlay's path (judged already, when the overlay
+    // file itself was opened) with the real inode: judge the real file by its own
+    // dentry, or an overlay over a denied tree would relabel it. Its private layer
+    // mount is unknown, so that walk stops at the layer's filesystem root. Later
+    // kernels give backing files their real path, judged as it is.
+    let inode = read_ptr(file, o.file_f_inode);
+    if inode != read_ptr(dentry, o.dentry_d_inode) {
+        let alias = read_ptr(inode, o.inode_i_dentry);
+        dentry = if alias.is_null() { alias } else { alias.wrapping_sub(o.dentry_d_alias as usize) };
+        vfsmount = core::ptr::null();
+    }
+    judge(dentry, vfsmount, requested, hook::FILE_OPEN, change::NONE)
 }
 
 #[lsm(hook = "bprm_check_security")]

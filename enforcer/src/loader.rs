@@ -160,6 +160,9 @@ pub fn kernel_offsets(btf: &crate::btf::KernelBtf) -> anyhow::Result<KernelOffse
         mount_mnt_parent: at("mount", "mnt_parent")?,
         mount_mnt_mountpoint: at("mount", "mnt_mountpoint")?,
         linux_binprm_file: at("linux_binprm", "file")?,
+        file_f_inode: at("file", "f_inode")?,
+        inode_i_dentry: at("inode", "i_dentry")?,
+        dentry_d_alias: at("dentry", "d_u.d_alias")?,
         valid: 1,
     })
 }

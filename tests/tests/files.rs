@@ -217,24 +217,56 @@ fn links_bind_mounts_and_reopens_cannot_relabel_a_denied_file() {
     fs::create_dir_all(s.0.join("bind")).unwrap();
     let status = std::process::Command::new("mount").args(["--bind", &s.p("home/.aws"), &s.p("bind")]).status().unwrap();
     assert!(status.success(), "bind mount");
+    // An overlay the agent mounts in its own user and mount namespace (no privilege
+    // needed) with a denied tree as its lower layer puts the denied file under a new
+    // name, on a new device and inode; the kernel then opens the real file for it.
+    fs::create_dir_all(s.0.join("empty")).unwrap();
+    fs::create_dir_all(s.0.join("ovl")).unwrap();
+    let overlay_cat = |lower: &str, file: &str| {
+        format!(
+            "unshare -Urm sh -c 'mount -t overlay overlay -o lowerdir={}:{} {} && cat {}/{file}'",
+            s.p(lower),
+            s.p("empty"),
+            s.p("ovl"),
+            s.p("ovl")
+        )
+    };
+    let overlays = std::process::Command::new("sh").arg("-c").arg(overlay_cat("work", "readme")).output().unwrap();
     let cg = TestCgroup::new("files-relabel");
     let p = files_policy("enforce", "    default: allow\n    deny: [ROOT/home/.aws]\n", &s.0);
     let _c = attach_files(&cg, &p);
-    let r = try_in(
-        &cg.path,
-        &[
-            ("direct", format!("cat {}", secret.display())),
-            ("symlink", format!("cat {}", s.p("work/link"))),
-            ("hard_link", format!("cat {}", s.p("work/innocent"))),
-            ("bind_mount", format!("cat {}", s.p("bind/credentials"))),
-            ("proc_fd_reopen", format!("{} probe reopen:{} | grep -q ' ok$'", enforcer_bin().display(), secret.display())),
-            ("other_file", format!("cat {}", s.p("work/readme"))),
-        ],
-    );
-    expect(
-        &r,
-        &[("direct", false), ("symlink", false), ("hard_link", false), ("bind_mount", false), ("proc_fd_reopen", false), ("other_file", true)],
-    );
+    let mut steps = vec![
+        ("direct", format!("cat {}", secret.display())),
+        ("symlink", format!("cat {}", s.p("work/link"))),
+        ("hard_link", format!("cat {}", s.p("work/innocent"))),
+        ("bind_mount", format!("cat {}", s.p("bind/credentials"))),
+        ("proc_fd_reopen", format!("{} probe reopen:{} | grep -q ' ok$'", enforcer_bin().display(), secret.display())),
+        ("other_file", format!("cat {}", s.p("work/readme"))),
+    ];
+    let mut expected = vec![
+        ("direct", false),
+        ("symlink", false),
+        ("hard_link", false),
+        ("bind_mount", false),
+        ("proc_fd_reopen", false),
+        ("other_file", true),
+    ];
+    if !overlays.status.success() {
+        eprintln!(
+            "SKIP overlay relabel: this kernel does not let an unprivileged user mount an overlay ({})",
+            String::from_utf8_lossy(&overlays.stderr).trim()
+        );
+    } else if !lsm() {
+        // fanotify is not told of opens on a filesystem mounted in another mount
+        // namespace, nor of the kernel's backing-file opens: a documented gap.
+        eprintln!("SKIP overlay relabel: the fanotify backend does not see overlays mounted in the agent's namespace");
+    } else {
+        steps.push(("overlay_of_denied", overlay_cat("home/.aws", "credentials")));
+        steps.push(("overlay_of_allowed", overlay_cat("work", "readme")));
+        expected.extend([("overlay_of_denied", false), ("overlay_of_allowed", true)]);
+    }
+    let r = try_in(&cg.path, &steps);
+    expect(&r, &expected);
 }
 
 #[test]

@@ -83,6 +83,8 @@ const APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
     "cpio",
+    "xz-utils", // Debian's kernel modules are compressed
+    "zstd",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
