@@ -170,30 +170,27 @@ fn files_bench_in(mount: &Path, root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Rounds per BPF-LSM phase; each round measures the confined cgroup and a cgroup
-/// outside it, alternately.
-const LSM_ROUNDS: usize = 3;
+/// Interleaved rounds of the BPF-LSM bench.
+const LSM_ROUNDS: usize = 5;
 
-/// One enforced phase of the BPF-LSM bench.
-struct LsmPhase {
+/// Samples of one enforced setup of the BPF-LSM bench, one per round.
+struct LsmSetup {
     rules: usize,
     /// ns per open+close in the confined cgroup, and in a cgroup the programs do not
-    /// govern (every other process on the machine), per round.
+    /// govern (every other process on the machine).
     confined: Vec<f64>,
     outside: Vec<f64>,
     /// Mean in-kernel time of one file_open program run (kernel.bpf_stats_enabled
-    /// accounting), for confined and for outside openers, per round.
+    /// accounting), for confined and for outside openers.
     prog_confined: Vec<f64>,
     prog_outside: Vec<f64>,
 }
 
 /// Inside the QEMU guest, where BPF-LSM programs load: open+close of the bench file
-/// with no programs loaded at all (the baseline, before, between and after the
-/// phases), then for each policy (10 and 1,000 file rules) attached with
-/// `--file-backend bpf-lsm`, in the confined cgroup and in one outside it. Verifying a
-/// file program set takes minutes under TCG, so each policy is attached once and the
-/// baseline is taken around the phases instead of interleaved with them; the spread
-/// of the baseline rounds shows the drift.
+/// with no programs loaded at all (the baseline), then with 10 and with 1,000 file
+/// rules attached with `--file-backend bpf-lsm`, from the confined cgroup and from one
+/// outside it; each round attaches and detaches both policies in turn, so the
+/// baseline is interleaved with them.
 pub fn guest_lsm_files_bench(iterations: u32) -> anyhow::Result<()> {
     let mount = cgroup2_mount()?;
     let root = std::env::temp_dir().join("enforcer-bench-files");
@@ -205,41 +202,43 @@ pub fn guest_lsm_files_bench(iterations: u32) -> anyhow::Result<()> {
     }
     let stats = BpfStats::enable()?;
     let mut baseline = Vec::new();
-    let mut phases = Vec::new();
+    let mut setups: Vec<LsmSetup> = [10, 1000]
+        .into_iter()
+        .map(|rules| LsmSetup { rules, confined: vec![], outside: vec![], prog_confined: vec![], prog_outside: vec![] })
+        .collect();
+    let mut attach_secs = Vec::new();
     let result = (|| -> anyhow::Result<()> {
-        for rules in [10, 1000] {
+        let policies = setups.iter().map(|s| tree.policy(s.rules)).collect::<anyhow::Result<Vec<_>>>()?;
+        for round in 0..LSM_ROUNDS {
+            println!("bench: round {}/{LSM_ROUNDS}", round + 1);
             baseline.push(tree.measure(&outside, iterations)?);
-            let policy = tree.policy(rules)?;
-            println!("bench: attaching {rules} file rules (the verifier takes minutes under TCG)");
-            let started = Instant::now();
-            let (mut controller, backend) =
-                attach_reporting(&confined, &policy, &["--events", "/dev/null", "--file-backend", "bpf-lsm"])?;
-            println!("bench: attached with backend {backend} in {:.0?}", started.elapsed());
-            let phase = (|| -> anyhow::Result<LsmPhase> {
-                ensure!(backend == "bpf-lsm", "attach used backend {backend}, not bpf-lsm");
-                let prog = enforcer_prog(&confined, "enf_file_open")?;
-                let mut p = LsmPhase { rules, confined: vec![], outside: vec![], prog_confined: vec![], prog_outside: vec![] };
-                let per_run = |cgroup: &Path, times: &mut Vec<f64>, progs: &mut Vec<f64>| -> anyhow::Result<()> {
-                    let (t0, n0) = prog_run_stats(prog)?;
-                    times.push(tree.measure(cgroup, iterations)?);
-                    let (t1, n1) = prog_run_stats(prog)?;
-                    if n1 > n0 {
-                        progs.push((t1 - t0) as f64 / (n1 - n0) as f64);
-                    }
-                    Ok(())
-                };
-                for _ in 0..LSM_ROUNDS {
-                    per_run(&confined, &mut p.confined, &mut p.prog_confined)?;
-                    per_run(&outside, &mut p.outside, &mut p.prog_outside)?;
-                }
-                unsafe { libc::close(prog) };
-                Ok(p)
-            })();
-            stop_controller(&mut controller);
-            detach(&confined);
-            phases.push(phase?);
+            for (setup, policy) in setups.iter_mut().zip(&policies) {
+                let started = Instant::now();
+                let (mut controller, backend) =
+                    attach_reporting(&confined, policy, &["--events", "/dev/null", "--file-backend", "bpf-lsm"])?;
+                attach_secs.push(started.elapsed().as_secs_f64());
+                let measured = (|| -> anyhow::Result<()> {
+                    ensure!(backend == "bpf-lsm", "attach used backend {backend}, not bpf-lsm");
+                    let prog = enforcer_prog(&confined, "enf_file_open")?;
+                    let timed = |cgroup: &Path, times: &mut Vec<f64>, progs: &mut Vec<f64>| -> anyhow::Result<()> {
+                        let (t0, n0) = prog_run_stats(prog)?;
+                        times.push(tree.measure(cgroup, iterations)?);
+                        let (t1, n1) = prog_run_stats(prog)?;
+                        if n1 > n0 {
+                            progs.push((t1 - t0) as f64 / (n1 - n0) as f64);
+                        }
+                        Ok(())
+                    };
+                    let result = timed(&confined, &mut setup.confined, &mut setup.prog_confined)
+                        .and_then(|()| timed(&outside, &mut setup.outside, &mut setup.prog_outside));
+                    unsafe { libc::close(prog) };
+                    result
+                })();
+                stop_controller(&mut controller);
+                detach(&confined);
+                measured?;
+            }
         }
-        baseline.push(tree.measure(&outside, iterations)?);
         Ok(())
     })();
     drop(stats);
@@ -249,30 +248,31 @@ pub fn guest_lsm_files_bench(iterations: u32) -> anyhow::Result<()> {
     }
     let _ = fs::remove_dir_all(&root);
     result?;
-    let (lo, hi) = baseline.iter().fold((f64::MAX, 0f64), |(lo, hi), &b| (lo.min(b), hi.max(b)));
     let base = median(baseline.clone());
+    let spread = |v: &[f64]| v.iter().fold((f64::MAX, 0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+    let (lo, hi) = spread(&baseline);
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!(
-        "\nbench: BPF-LSM file open+close on {}, {FILE_DEPTH} directories deep, {iterations} per run, medians of {LSM_ROUNDS} rounds (QEMU TCG):",
-        kernel.trim()
+        "\nbench: BPF-LSM file open+close on {}, {FILE_DEPTH} directories deep, {iterations} per run, medians of {LSM_ROUNDS} interleaved rounds (QEMU TCG; an attach took {:.0}..{:.0} s):",
+        kernel.trim(),
+        spread(&attach_secs).0,
+        spread(&attach_secs).1
     );
-    println!("bench:   {:<34} {:>10} {:>7} {:>16}", "setup", "ns/open", "ratio", "file_open run");
-    println!(
-        "bench:   {:<34} {base:>10.0} {:>6.2}x {:>16}   (baseline runs {lo:.0}..{hi:.0})",
-        "no programs loaded (baseline)", 1.0, "-"
-    );
-    for p in &phases {
-        for (who, times, progs) in [("confined", &p.confined, &p.prog_confined), ("outside the cgroup", &p.outside, &p.prog_outside)] {
+    println!("bench:   {:<34} {:>10} {:>7} {:>14}  {}", "setup", "ns/open", "ratio", "file_open run", "ns/open range");
+    println!("bench:   {:<34} {base:>10.0} {:>6.2}x {:>14}  {lo:.0}..{hi:.0}", "no programs loaded (baseline)", 1.0, "-");
+    for s in &setups {
+        for (who, times, progs) in [("confined", &s.confined, &s.prog_confined), ("outside the cgroup", &s.outside, &s.prog_outside)] {
             let ns = median(times.clone());
             let prog = if progs.is_empty() { "-".to_string() } else { format!("{:.0} ns", median(progs.clone())) };
-            println!("bench:   {:<34} {ns:>10.0} {:>6.2}x {prog:>16}", format!("{} file rules, {who}", p.rules), ns / base);
+            let (lo, hi) = spread(times);
+            println!("bench:   {:<34} {ns:>10.0} {:>6.2}x {prog:>14}  {lo:.0}..{hi:.0}", format!("{} file rules, {who}", s.rules), ns / base);
         }
     }
-    for p in &phases {
-        let ratio = median(p.confined.clone()) / base;
+    for s in &setups {
+        let ratio = median(s.confined.clone()) / base;
         println!(
             "bench: goal (allowed open <= 1.10x the baseline) at {} file rules: {ratio:.2}x, {}",
-            p.rules,
+            s.rules,
             if ratio <= 1.10 { "met" } else { "NOT met" }
         );
     }
@@ -503,13 +503,15 @@ fn attach_reporting(cgroup: &Path, policy: &Path, extra: &[&str]) -> anyhow::Res
         .context("starting enforcer attach")?;
     let stderr = child.stderr.take().expect("piped");
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let mut said = Vec::new();
     let files = loop {
         match lines.next() {
             Some(Ok(line)) if line.contains("attached") => {
                 break ["bpf-lsm", "fanotify"].into_iter().find(|b| line.contains(b)).unwrap_or("none").to_string();
             }
-            Some(Ok(_)) => continue,
-            _ => bail!("enforcer attach exited before attaching: {:?}", child.wait()),
+            Some(Ok(line)) => said.push(line),
+            // What it said (a verifier log, say) is the diagnosis.
+            _ => bail!("enforcer attach exited before attaching ({:?}):\n{}", child.wait(), said.join("\n")),
         }
     };
     std::thread::spawn(move || for _ in lines {});
