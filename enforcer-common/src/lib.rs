@@ -39,8 +39,9 @@ pub mod limits {
     /// Missing components below the deepest existing ancestor of a pending path:
     /// one in the key, the rest in the value.
     pub const MAX_PENDING_DEPTH: usize = 4;
-    /// Ancestors (directories and mount crossings) walked from an opened file to the
-    /// root. A deeper file is denied (fail closed) and counted.
+    /// Ancestors walked from an opened file to the root of its filesystem, and again
+    /// from its mount point to the root (mount crossings included). A deeper file is
+    /// denied (fail closed) and counted.
     pub const MAX_PATH_DEPTH: u32 = 64;
     /// The same bound for each of the two walks of a rename or link, which one program
     /// must verify together.

@@ -24,7 +24,7 @@ use enforcer_common::{
 
 use crate::{
     emit::{self, FileDecision},
-    kmem::{Ptr, read_ptr, read_u32, read_u64},
+    kmem::{Ptr, load_ptr, load_u32, load_u64, read_ptr, read_u32, read_u64},
     maps::{ENF_BINDINGS, ENF_FILES, ENF_PENDING, ENF_PENDING_SCRATCH, ENF_POLICIES},
     policy::ENF_BINDING,
 };
@@ -105,27 +105,120 @@ fn governed() -> Option<Result<Governed, u32>> {
 enum Walk {
     Listed(FileEntry),
     Unlisted,
-    /// Deeper than `MAX_PATH_DEPTH`: fail closed.
+    /// Deeper than the walk's bound: fail closed.
     TooDeep,
 }
 
-/// The nearest listed ancestor-or-self of `dentry` (seen through `vfsmount`).
+/// Where a walk starts.
+#[derive(Clone, Copy)]
+struct Target {
+    /// A dentry the verifier knows as `struct dentry *` (a hook argument, or a field
+    /// loaded from one): walked with plain loads. NULL when only `untyped` is known.
+    dentry: Ptr,
+    /// A dentry known only as a number (computed, or read with a helper): walked with
+    /// probe reads.
+    untyped: Ptr,
+    vfsmount: Ptr,
+}
+
+impl Target {
+    #[inline(always)]
+    fn typed(dentry: Ptr, vfsmount: Ptr) -> Self {
+        Self { dentry, untyped: core::ptr::null(), vfsmount }
+    }
+
+    #[inline(always)]
+    fn untyped(dentry: Ptr, vfsmount: Ptr) -> Self {
+        Self { dentry: core::ptr::null(), untyped: dentry, vfsmount }
+    }
+
+    /// The start of the walk, whichever kind it is (for the event).
+    #[inline(always)]
+    fn start(&self) -> Ptr {
+        if self.dentry.is_null() { self.untyped } else { self.dentry }
+    }
+}
+
+/// The nearest listed ancestor-or-self of the target.
+///
+/// Up to the root of the target's own filesystem (where nearly every rule and file
+/// is) the walk uses plain loads: a step is two loads of pointers, one of the inode
+/// number and one map lookup. Beyond a mount point it continues with probe reads,
+/// whose results the verifier knows only as numbers; each part walks at most DEPTH
+/// ancestors.
+#[inline(always)]
+fn nearest_listed<const DEPTH: u32>(o: &KernelOffsets, slot: u32, t: Target) -> Walk {
+    let mut from = t.untyped;
+    let mut vfsmount = t.vfsmount;
+    if !t.dentry.is_null() {
+        if let Some(walk) = nearest_listed_in_filesystem::<DEPTH>(o, slot, t.dentry) {
+            return walk;
+        }
+        // At the root of the filesystem: continue at its mount point in the parent
+        // mount; at the namespace root (its own parent mount) stop.
+        let mount = (vfsmount as usize).wrapping_sub(o.mount_mnt as usize) as Ptr;
+        let parent_mount = read_ptr(mount, o.mount_mnt_parent);
+        if parent_mount.is_null() || parent_mount == mount {
+            return Walk::Unlisted;
+        }
+        from = read_ptr(mount, o.mount_mnt_mountpoint);
+        vfsmount = (parent_mount as usize).wrapping_add(o.mount_mnt as usize) as Ptr;
+    }
+    nearest_listed_across_mounts::<DEPTH>(o, slot, from, vfsmount)
+}
+
+/// The typed part of the walk: None when it reached the filesystem's root unlisted.
+#[inline(always)]
+fn nearest_listed_in_filesystem<const DEPTH: u32>(o: &KernelOffsets, slot: u32, mut dentry: Ptr) -> Option<Walk> {
+    // Every pointer that can be NULL is tested before it is followed: some kernels
+    // (6.12) treat fields of a hook's arguments, `d_inode` among them, as trusted and
+    // load through them without the JIT's fault guard.
+    let inode_of = |d: Ptr| if d.is_null() { d } else { load_ptr(d, o.dentry_d_inode) };
+    // A negative dentry (the name a rename or link creates) has no inode: its device
+    // is its directory's. The device does not change below the filesystem's root.
+    let device = |d: Ptr| {
+        let inode = inode_of(d);
+        if inode.is_null() { 0 } else { load_u32(load_ptr(inode, o.inode_i_sb), o.super_block_s_dev) }
+    };
+    let mut dev = device(dentry);
+    if dev == 0 {
+        dev = device(load_ptr(dentry, o.dentry_d_parent));
+    }
+    let mut i = 0;
+    while i < DEPTH {
+        i += 1;
+        if dentry.is_null() {
+            return Some(Walk::Unlisted);
+        }
+        // A negative dentry's inode number is 0, which names no entry.
+        let inode = inode_of(dentry);
+        let ino = if inode.is_null() { 0 } else { load_u64(inode, o.inode_i_ino) };
+        let key = FileKey { ino, dev, slot };
+        if let Some(entry) = unsafe { ENF_FILES.get(&key) } {
+            return Some(Walk::Listed(*entry));
+        }
+        let parent = load_ptr(dentry, o.dentry_d_parent);
+        if parent == dentry {
+            return None;
+        }
+        dentry = parent;
+    }
+    Some(Walk::TooDeep)
+}
+
+/// The walk with probe reads, crossing mounts at filesystem roots.
 ///
 /// Written so that every iteration leaves the same kind of state whichever way it went
 /// (the key is always built and looked up, and both ways to the parent assign the same
 /// registers): the verifier then prunes the paths at the loop head instead of
-/// following every combination of branches through all iterations.
-///
-/// A step costs three reads (inode, inode number, parent) and one lookup: the device
-/// and the mount's parent and mount point do not change below a filesystem root, so
-/// they are read again only where the walk crosses into the parent mount.
+/// following every combination of branches through all iterations. The device and
+/// the mount's parent and mount point do not change below a filesystem root, so they
+/// are read again only where the walk crosses into the parent mount.
 #[inline(always)]
-fn nearest_listed<const DEPTH: u32>(o: &KernelOffsets, slot: u32, mut dentry: Ptr, vfsmount: Ptr) -> Walk {
+fn nearest_listed_across_mounts<const DEPTH: u32>(o: &KernelOffsets, slot: u32, mut dentry: Ptr, vfsmount: Ptr) -> Walk {
     let mut mount = (vfsmount as usize).wrapping_sub(o.mount_mnt as usize) as Ptr;
     let mut parent_mount = read_ptr(mount, o.mount_mnt_parent);
     let mut mountpoint = read_ptr(mount, o.mount_mnt_mountpoint);
-    // A negative dentry (the name a rename or link creates) has no inode: its device
-    // is its directory's.
     let mut dev = device_of(o, dentry);
     if dev == 0 {
         dev = device_of(o, read_ptr(dentry, o.dentry_d_parent));
@@ -140,8 +233,6 @@ fn nearest_listed<const DEPTH: u32>(o: &KernelOffsets, slot: u32, mut dentry: Pt
             return Walk::Listed(*entry);
         }
         let parent = read_ptr(dentry, o.dentry_d_parent);
-        // At a filesystem root (its own parent), continue at its mount point in the
-        // parent mount; at the namespace root (its own parent mount) stop.
         if dentry.is_null() || (parent == dentry && (parent_mount.is_null() || parent_mount == mount)) {
             return Walk::Unlisted;
         }
@@ -166,26 +257,25 @@ fn device_of(o: &KernelOffsets, dentry: Ptr) -> u32 {
 
 /// What the rules say of one target: (allowed, rule id).
 #[inline(always)]
-fn decide<const DEPTH: u32>(o: &KernelOffsets, g: &Governed, target: (Ptr, Ptr), requested: u8) -> (bool, u32) {
-    match nearest_listed::<DEPTH>(o, g.slot, target.0, target.1) {
+fn decide<const DEPTH: u32>(o: &KernelOffsets, g: &Governed, target: Target, requested: u8) -> (bool, u32) {
+    match nearest_listed::<DEPTH>(o, g.slot, target) {
         Walk::Listed(e) => (e.deny == 0 && e.allow & requested == requested, e.rule_id as u32),
         Walk::Unlisted => (g.default_grants & requested == requested, 0),
         Walk::TooDeep => (false, RULE_FAIL_CLOSED),
     }
 }
 
-/// Judges `requested` access to the file at (dentry, vfsmount) for the caller.
-/// Returns 0 or -EACCES.
+/// Judges `requested` access to the target for the caller. Returns 0 or -EACCES.
 #[inline(always)]
-fn judge(dentry: Ptr, vfsmount: Ptr, requested: u8, hook_id: u8, change_kind: u8) -> i32 {
-    judge_both((dentry, vfsmount), None, requested, hook_id, change_kind)
+fn judge(target: Target, requested: u8, hook_id: u8, change_kind: u8) -> i32 {
+    judge_both(target, None, requested, hook_id, change_kind)
 }
 
 /// Judges one or two targets (a rename's source and destination): both must be
 /// allowed. One event, for the first target refused, so the verifier walks the event
 /// path once whatever the number of targets.
 #[inline(always)]
-fn judge_both(first: (Ptr, Ptr), second: Option<(Ptr, Ptr)>, requested: u8, hook_id: u8, change_kind: u8) -> i32 {
+fn judge_both(first: Target, second: Option<Target>, requested: u8, hook_id: u8, change_kind: u8) -> i32 {
     let g = match governed() {
         None => return 0,
         Some(Ok(g)) => g,
@@ -219,7 +309,7 @@ fn judge_both(first: (Ptr, Ptr), second: Option<(Ptr, Ptr)>, requested: u8, hook
     emit::count_decision(g.slot, hook_id, v);
     if v != verdict::ALLOW || g.log_allowed {
         let d = FileDecision { slot: g.slot, rule_id, hook: hook_id, verdict: v, requested, change: change_kind };
-        emit::emit_file_event(&d, &o, target.0, target.1);
+        emit::emit_file_event(&d, &o, target.start(), target.vfsmount);
     }
     if v == verdict::DENY { -EACCES } else { 0 }
 }
@@ -238,7 +328,7 @@ pub fn enf_file_open(ctx: LsmContext) -> i32 {
     }
     let file: Ptr = ctx.arg(0);
     let o = ENF_OFFSETS.load();
-    let f_mode = read_u32(file, o.file_f_mode);
+    let f_mode = load_u32(file, o.file_f_mode);
     // execve's own open is judged as exec by bprm_check_security.
     if f_mode & FMODE_EXEC != 0 {
         return 0;
@@ -253,21 +343,23 @@ pub fn enf_file_open(ctx: LsmContext) -> i32 {
     if requested == 0 {
         return 0;
     }
-    let mut dentry = read_ptr(file, o.file_f_path_dentry);
-    let mut vfsmount = read_ptr(file, o.file_f_path_mnt);
+    let dentry = load_ptr(file, o.file_f_path_dentry);
+    let vfsmount = read_ptr(file, o.file_f_path_mnt);
     // Overlayfs opens the real file of a layer for each overlay file. Up to Linux 6.6
     // that backing file carries the overlay's path (judged already, when the overlay
     // file itself was opened) with the real inode: judge the real file by its own
     // dentry, or an overlay over a denied tree would relabel it. Its private layer
     // mount is unknown, so that walk stops at the layer's filesystem root. Later
     // kernels give backing files their real path, judged as it is.
-    let inode = read_ptr(file, o.file_f_inode);
-    if inode != read_ptr(dentry, o.dentry_d_inode) {
+    let inode = load_ptr(file, o.file_f_inode);
+    let target = if inode != load_ptr(dentry, o.dentry_d_inode) {
         let alias = read_ptr(inode, o.inode_i_dentry);
-        dentry = if alias.is_null() { alias } else { alias.wrapping_sub(o.dentry_d_alias as usize) };
-        vfsmount = core::ptr::null();
-    }
-    judge(dentry, vfsmount, requested, hook::FILE_OPEN, change::NONE)
+        let real = if alias.is_null() { alias } else { alias.wrapping_sub(o.dentry_d_alias as usize) };
+        Target::untyped(real, core::ptr::null())
+    } else {
+        Target::typed(dentry, vfsmount)
+    };
+    judge(target, requested, hook::FILE_OPEN, change::NONE)
 }
 
 #[lsm(hook = "bprm_check_security")]
@@ -277,11 +369,11 @@ pub fn enf_bprm_check(ctx: LsmContext) -> i32 {
     }
     let bprm: Ptr = ctx.arg(0);
     let o = ENF_OFFSETS.load();
-    let file = read_ptr(bprm, o.linux_binprm_file);
+    let file = load_ptr(bprm, o.linux_binprm_file);
     if file.is_null() {
         return 0;
     }
-    judge(read_ptr(file, o.file_f_path_dentry), read_ptr(file, o.file_f_path_mnt), access::EXEC, hook::FILE_EXEC, change::NONE)
+    judge(file_target(&o, file), access::EXEC, hook::FILE_EXEC, change::NONE)
 }
 
 /// Executable mappings need exec: `ld.so ./binary` maps the binary without execve.
@@ -296,21 +388,27 @@ pub fn enf_mmap_file(ctx: LsmContext) -> i32 {
         return 0;
     }
     let o = ENF_OFFSETS.load();
-    judge(read_ptr(file, o.file_f_path_dentry), read_ptr(file, o.file_f_path_mnt), access::EXEC, hook::FILE_MMAP, change::NONE)
+    judge(file_target(&o, file), access::EXEC, hook::FILE_MMAP, change::NONE)
+}
+
+/// The path of a `struct file *` the verifier knows the type of.
+#[inline(always)]
+fn file_target(o: &KernelOffsets, file: Ptr) -> Target {
+    Target::typed(load_ptr(file, o.file_f_path_dentry), read_ptr(file, o.file_f_path_mnt))
 }
 
 /// Write access to the tree at `path` (a `struct path *`).
 #[inline(always)]
 fn judge_path_write(path: Ptr, change_kind: u8) -> i32 {
     let o = ENF_OFFSETS.load();
-    judge(read_ptr(path, o.path_dentry), read_ptr(path, o.path_mnt), access::WRITE, hook::FILE_CHANGE, change_kind)
+    judge(Target::typed(load_ptr(path, o.path_dentry), read_ptr(path, o.path_mnt)), access::WRITE, hook::FILE_CHANGE, change_kind)
 }
 
 /// Write access to an existing entry `dentry` inside the directory `dir` (same mount).
 #[inline(always)]
 fn judge_entry_write(dir: Ptr, dentry: Ptr, change_kind: u8) -> i32 {
     let o = ENF_OFFSETS.load();
-    judge(dentry, read_ptr(dir, o.path_mnt), access::WRITE, hook::FILE_CHANGE, change_kind)
+    judge(Target::typed(dentry, read_ptr(dir, o.path_mnt)), access::WRITE, hook::FILE_CHANGE, change_kind)
 }
 
 #[lsm(hook = "path_mknod")]
@@ -367,7 +465,13 @@ pub fn enf_path_link(ctx: LsmContext) -> i32 {
     let o = ENF_OFFSETS.load();
     let mnt = read_ptr(new_dir, o.path_mnt);
     // The new (negative) dentry's walk starts at the new directory.
-    let ret = judge_both((old_dentry, mnt), Some((new_dentry, mnt)), access::WRITE, hook::FILE_CHANGE, change::LINK);
+    let ret = judge_both(
+        Target::typed(old_dentry, mnt),
+        Some(Target::typed(new_dentry, mnt)),
+        access::WRITE,
+        hook::FILE_CHANGE,
+        change::LINK,
+    );
     if ret == 0 {
         let o = ENF_OFFSETS.load();
         adopt_pending(&o, new_dentry, read_ptr(old_dentry, o.dentry_d_inode));
@@ -387,8 +491,8 @@ pub fn enf_path_rename(ctx: LsmContext) -> i32 {
     let new_dentry: Ptr = ctx.arg(3);
     let o = ENF_OFFSETS.load();
     let ret = judge_both(
-        (old_dentry, read_ptr(old_dir, o.path_mnt)),
-        Some((new_dentry, read_ptr(new_dir, o.path_mnt))),
+        Target::typed(old_dentry, read_ptr(old_dir, o.path_mnt)),
+        Some(Target::typed(new_dentry, read_ptr(new_dir, o.path_mnt))),
         access::WRITE,
         hook::FILE_CHANGE,
         change::RENAME,

@@ -35,3 +35,22 @@ pub fn read_u32(base: Ptr, offset: u32) -> u32 {
 pub fn read_u64(base: Ptr, offset: u32) -> u64 {
     read(base, offset)
 }
+
+/// A field of a struct the verifier knows the type of (a hook argument, or a pointer
+/// loaded from one such field): a plain load, which the JIT guards against faults (a
+/// NULL or bad pointer reads 0), instead of a helper call. The verifier refuses it on
+/// a pointer it knows only as a number: use the `read_*` functions for those.
+#[inline(always)]
+pub fn load_ptr(base: Ptr, offset: u32) -> Ptr {
+    unsafe { core::ptr::read_volatile(base.wrapping_add(offset as usize) as *const Ptr) }
+}
+
+#[inline(always)]
+pub fn load_u32(base: Ptr, offset: u32) -> u32 {
+    unsafe { core::ptr::read_volatile(base.wrapping_add(offset as usize) as *const u32) }
+}
+
+#[inline(always)]
+pub fn load_u64(base: Ptr, offset: u32) -> u64 {
+    unsafe { core::ptr::read_volatile(base.wrapping_add(offset as usize) as *const u64) }
+}

@@ -270,10 +270,13 @@ pub fn guest_lsm_files_bench(iterations: u32) -> anyhow::Result<()> {
     }
     for s in &setups {
         let ratio = median(s.confined.clone()) / base;
+        // The program's own run time is steadier under TCG than whole-syscall timings.
+        let prog = if s.prog_confined.is_empty() { f64::NAN } else { median(s.prog_confined.clone()) };
         println!(
-            "bench: goal (allowed open <= 1.10x the baseline) at {} file rules: {ratio:.2}x, {}",
+            "bench: goal (allowed open <= 1.10x the baseline) at {} file rules: {ratio:.2}x, {}; file_open's own run time is {:.1}% of the baseline open+close",
             s.rules,
-            if ratio <= 1.10 { "met" } else { "NOT met" }
+            if ratio <= 1.10 { "met" } else { "NOT met" },
+            100.0 * prog / base
         );
     }
     Ok(())

@@ -62,7 +62,7 @@ enum Task {
     /// the file-open bench.
     #[command(hide = true)]
     GuestFilesBench {
-        #[arg(long, default_value_t = 5_000)]
+        #[arg(long, default_value_t = 20_000)]
         iterations: u32,
     },
 }
