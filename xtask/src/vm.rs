@@ -357,7 +357,8 @@ export ENFORCER_BIN=/bin/enforcer HOME=/root PATH=/bin:/sbin:/usr/bin:/usr/sbin
 export ENFORCER_TEST_ATTACH_SECS=600
 mkdir -p /root
 cd /root
-insmod /lib/modules/overlay.ko || echo "overlayfs module did not load"
+# The relabel test must not skip its overlay steps here: it is where BPF-LSM runs.
+insmod /lib/modules/overlay.ko && export ENFORCER_TEST_REQUIRE_OVERLAY=1 || echo "overlayfs module did not load"
 echo "kernel $(uname -r), active LSMs $(cat /sys/kernel/security/lsm)"
 "#
 }
