@@ -258,7 +258,7 @@ pub fn guest_lsm_files_bench(iterations: u32) -> anyhow::Result<()> {
         spread(&attach_secs).0,
         spread(&attach_secs).1
     );
-    println!("bench:   {:<34} {:>10} {:>7} {:>14}  {}", "setup", "ns/open", "ratio", "file_open run", "ns/open range");
+    println!("bench:   {:<34} {:>10} {:>7} {:>14}  ns/open range", "setup", "ns/open", "ratio", "file_open run");
     println!("bench:   {:<34} {base:>10.0} {:>6.2}x {:>14}  {lo:.0}..{hi:.0}", "no programs loaded (baseline)", 1.0, "-");
     for s in &setups {
         for (who, times, progs) in [("confined", &s.confined, &s.prog_confined), ("outside the cgroup", &s.outside, &s.prog_outside)] {
