@@ -18,14 +18,14 @@ use aya_ebpf::{
     programs::LsmContext,
 };
 use enforcer_common::{
-    FileEntry, FileKey, KernelOffsets, PendingKey, RULE_FAIL_CLOSED, access, change, counter, hook,
+    FileEntry, FileFilter, FileKey, KernelOffsets, PendingKey, RULE_FAIL_CLOSED, access, change, counter, hook,
     limits, mode, verdict,
 };
 
 use crate::{
     emit::{self, FileDecision},
     kmem::{Ptr, load_ptr, load_u32, load_u64, read_ptr, read_u32, read_u64},
-    maps::{ENF_BINDINGS, ENF_FILES, ENF_PENDING, ENF_PENDING_SCRATCH, ENF_POLICIES},
+    maps::{ENF_BINDINGS, ENF_FILES, ENF_FILE_FILTER, ENF_PENDING, ENF_PENDING_SCRATCH, ENF_POLICIES},
     policy::ENF_BINDING,
 };
 
@@ -53,6 +53,18 @@ static ENF_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     valid: 0,
 });
 
+/// The offsets, each field loaded where it is used. `Global::load` copies the whole
+/// struct with volatile loads, all 19 fields at every call, which the compiler may
+/// neither drop nor share; an opaque copy of its address keeps the compiler from
+/// folding the build-time zeros (the loader rewrites them) while it loads only the
+/// fields used, once.
+#[inline(always)]
+fn offsets() -> &'static KernelOffsets {
+    const _: () = assert!(size_of::<Global<KernelOffsets>>() == size_of::<KernelOffsets>());
+    let address: *const Global<KernelOffsets> = &ENF_OFFSETS;
+    unsafe { &*core::ptr::read_volatile(&address).cast::<KernelOffsets>() }
+}
+
 /// cgroup level of this set's attach point (`names::GLOBAL_CGROUP_LEVEL`).
 #[unsafe(no_mangle)]
 static ENF_CGROUP_LEVEL: Global<u32> = Global::new(0);
@@ -70,6 +82,7 @@ struct Governed {
     audit: bool,
     log_allowed: bool,
     default_grants: u8,
+    filter: &'static FileFilter,
 }
 
 #[inline(always)]
@@ -83,23 +96,54 @@ fn governed() -> Option<Result<Governed, u32>> {
         return None;
     }
     let slot = binding.slot;
-    if slot == 0 || slot >= limits::MAX_POLICY_SLOTS || ENF_OFFSETS.load().valid == 0 {
+    if slot == 0 || slot >= limits::MAX_POLICY_SLOTS || offsets().valid == 0 {
         return Some(Err(slot));
     }
+    let Some(filter) = ENF_FILE_FILTER.get(0) else { return Some(Err(slot)) };
     match ENF_POLICIES.get(slot) {
         Some(c) if c.in_use != 0 => {
             if c.files_enabled == 0 {
                 return None;
+            }
+            if c.files_overflow != 0 {
+                return Some(Err(slot));
             }
             Some(Ok(Governed {
                 slot,
                 audit: c.mode == mode::AUDIT,
                 log_allowed: c.log_allowed != 0,
                 default_grants: c.files_default,
+                filter,
             }))
         }
         _ => Some(Err(slot)),
     }
+}
+
+/// The caller's policy, asked before anything else so that tasks outside the cgroup
+/// pay only for this; `Err` is the hook's answer without a walk: 0 for a task the set
+/// does not govern, EACCES (counted) for a governed task whose binding is broken.
+#[inline(always)]
+fn governing(hook_id: u8) -> Result<Governed, i32> {
+    match governed() {
+        None => Err(0),
+        Some(Ok(g)) => Ok(g),
+        Some(Err(slot)) => {
+            emit::count(counter::MISSING_POLICY);
+            emit::count_decision(slot, hook_id, verdict::DENY);
+            Err(-EACCES)
+        }
+    }
+}
+
+/// The entry of a listed inode; the filter spares the lookup for nearly every
+/// ancestor, which no rule names.
+#[inline(always)]
+fn listed(g: &Governed, dev: u32, ino: u64) -> Option<FileEntry> {
+    if g.filter.listed[FileFilter::index(dev, ino)] == 0 {
+        return None;
+    }
+    unsafe { ENF_FILES.get(&FileKey { ino, dev, slot: g.slot }) }.copied()
 }
 
 enum Walk {
@@ -118,18 +162,27 @@ struct Target {
     /// A dentry known only as a number (computed, or read with a helper): walked with
     /// probe reads.
     untyped: Ptr,
-    vfsmount: Ptr,
+    /// Where the target's `struct vfsmount *` is stored (in a `struct path`), NULL if
+    /// unknown. Read only when the walk crosses a mount or an event names the path:
+    /// most walks end inside the file's own filesystem, and a probe read costs as much
+    /// as several steps.
+    mnt_field: Ptr,
 }
 
 impl Target {
     #[inline(always)]
-    fn typed(dentry: Ptr, vfsmount: Ptr) -> Self {
-        Self { dentry, untyped: core::ptr::null(), vfsmount }
+    fn typed(dentry: Ptr, mnt_field: Ptr) -> Self {
+        Self { dentry, untyped: core::ptr::null(), mnt_field }
     }
 
     #[inline(always)]
-    fn untyped(dentry: Ptr, vfsmount: Ptr) -> Self {
-        Self { dentry: core::ptr::null(), untyped: dentry, vfsmount }
+    fn untyped(dentry: Ptr) -> Self {
+        Self { dentry: core::ptr::null(), untyped: dentry, mnt_field: core::ptr::null() }
+    }
+
+    #[inline(always)]
+    fn vfsmount(&self) -> Ptr {
+        read_ptr(self.mnt_field, 0)
     }
 
     /// The start of the walk, whichever kind it is (for the event).
@@ -147,29 +200,28 @@ impl Target {
 /// whose results the verifier knows only as numbers; each part walks at most DEPTH
 /// ancestors.
 #[inline(always)]
-fn nearest_listed<const DEPTH: u32>(o: &KernelOffsets, slot: u32, t: Target) -> Walk {
-    let mut from = t.untyped;
-    let mut vfsmount = t.vfsmount;
-    if !t.dentry.is_null() {
-        if let Some(walk) = nearest_listed_in_filesystem::<DEPTH>(o, slot, t.dentry) {
-            return walk;
-        }
-        // At the root of the filesystem: continue at its mount point in the parent
-        // mount; at the namespace root (its own parent mount) stop.
-        let mount = (vfsmount as usize).wrapping_sub(o.mount_mnt as usize) as Ptr;
-        let parent_mount = read_ptr(mount, o.mount_mnt_parent);
-        if parent_mount.is_null() || parent_mount == mount {
-            return Walk::Unlisted;
-        }
-        from = read_ptr(mount, o.mount_mnt_mountpoint);
-        vfsmount = (parent_mount as usize).wrapping_add(o.mount_mnt as usize) as Ptr;
+fn nearest_listed<const DEPTH: u32>(o: &KernelOffsets, g: &Governed, t: Target) -> Walk {
+    if t.dentry.is_null() {
+        return nearest_listed_across_mounts::<DEPTH>(o, g, t.untyped, t.vfsmount());
     }
-    nearest_listed_across_mounts::<DEPTH>(o, slot, from, vfsmount)
+    if let Some(walk) = nearest_listed_in_filesystem::<DEPTH>(o, g, t.dentry) {
+        return walk;
+    }
+    // At the root of the filesystem: continue at its mount point in the parent mount;
+    // at the namespace root (its own parent mount) stop.
+    let mount = (t.vfsmount() as usize).wrapping_sub(o.mount_mnt as usize) as Ptr;
+    let parent_mount = read_ptr(mount, o.mount_mnt_parent);
+    if parent_mount.is_null() || parent_mount == mount {
+        return Walk::Unlisted;
+    }
+    let from = read_ptr(mount, o.mount_mnt_mountpoint);
+    let vfsmount = (parent_mount as usize).wrapping_add(o.mount_mnt as usize) as Ptr;
+    nearest_listed_across_mounts::<DEPTH>(o, g, from, vfsmount)
 }
 
 /// The typed part of the walk: None when it reached the filesystem's root unlisted.
 #[inline(always)]
-fn nearest_listed_in_filesystem<const DEPTH: u32>(o: &KernelOffsets, slot: u32, mut dentry: Ptr) -> Option<Walk> {
+fn nearest_listed_in_filesystem<const DEPTH: u32>(o: &KernelOffsets, g: &Governed, mut dentry: Ptr) -> Option<Walk> {
     // Every pointer that can be NULL is tested before it is followed: some kernels
     // (6.12) treat fields of a hook's arguments, `d_inode` among them, as trusted and
     // load through them without the JIT's fault guard.
@@ -184,26 +236,45 @@ fn nearest_listed_in_filesystem<const DEPTH: u32>(o: &KernelOffsets, slot: u32, 
     if dev == 0 {
         dev = device(load_ptr(dentry, o.dentry_d_parent));
     }
-    let mut i = 0;
-    while i < DEPTH {
-        i += 1;
-        if dentry.is_null() {
-            return Some(Walk::Unlisted);
+    // Copied out of the table before the loop, so that the loop keeps them in registers.
+    let (d_inode, d_parent, i_ino) = (o.dentry_d_inode as usize, o.dentry_d_parent as usize, o.inode_i_ino as usize);
+    let mut left = DEPTH as usize;
+    loop {
+        // Up to the next ancestor the filter marks, without a call: the map lookup is
+        // a call, and around one the compiler spills and reloads every value of the loop.
+        let mut marked = 0;
+        let mut ino = 0;
+        while left > 0 {
+            left -= 1;
+            if dentry.is_null() {
+                return Some(Walk::Unlisted);
+            }
+            // A negative dentry's inode number is 0, which names no entry.
+            let inode = load_ptr(dentry, d_inode);
+            ino = if inode.is_null() { 0 } else { load_u64(inode, i_ino) };
+            marked = g.filter.listed[FileFilter::index(dev, ino)];
+            if marked != 0 {
+                break;
+            }
+            let parent = load_ptr(dentry, d_parent);
+            if parent == dentry {
+                return None;
+            }
+            dentry = parent;
         }
-        // A negative dentry's inode number is 0, which names no entry.
-        let inode = inode_of(dentry);
-        let ino = if inode.is_null() { 0 } else { load_u64(inode, o.inode_i_ino) };
-        let key = FileKey { ino, dev, slot };
-        if let Some(entry) = unsafe { ENF_FILES.get(&key) } {
+        if marked == 0 {
+            return Some(Walk::TooDeep);
+        }
+        if let Some(entry) = unsafe { ENF_FILES.get(&FileKey { ino, dev, slot: g.slot }) } {
             return Some(Walk::Listed(*entry));
         }
-        let parent = load_ptr(dentry, o.dentry_d_parent);
+        // Marked, but by another inode of the same byte: go on from its parent.
+        let parent = load_ptr(dentry, d_parent);
         if parent == dentry {
             return None;
         }
         dentry = parent;
     }
-    Some(Walk::TooDeep)
 }
 
 /// The walk with probe reads, crossing mounts at filesystem roots.
@@ -215,7 +286,7 @@ fn nearest_listed_in_filesystem<const DEPTH: u32>(o: &KernelOffsets, slot: u32, 
 /// the mount's parent and mount point do not change below a filesystem root, so they
 /// are read again only where the walk crosses into the parent mount.
 #[inline(always)]
-fn nearest_listed_across_mounts<const DEPTH: u32>(o: &KernelOffsets, slot: u32, mut dentry: Ptr, vfsmount: Ptr) -> Walk {
+fn nearest_listed_across_mounts<const DEPTH: u32>(o: &KernelOffsets, g: &Governed, mut dentry: Ptr, vfsmount: Ptr) -> Walk {
     let mut mount = (vfsmount as usize).wrapping_sub(o.mount_mnt as usize) as Ptr;
     let mut parent_mount = read_ptr(mount, o.mount_mnt_parent);
     let mut mountpoint = read_ptr(mount, o.mount_mnt_mountpoint);
@@ -228,9 +299,8 @@ fn nearest_listed_across_mounts<const DEPTH: u32>(o: &KernelOffsets, slot: u32, 
         i += 1;
         // A NULL inode reads as zeros, which names no entry.
         let inode = read_ptr(dentry, o.dentry_d_inode);
-        let key = FileKey { ino: read_u64(inode, o.inode_i_ino), dev, slot };
-        if let Some(entry) = unsafe { ENF_FILES.get(&key) } {
-            return Walk::Listed(*entry);
+        if let Some(entry) = listed(g, dev, read_u64(inode, o.inode_i_ino)) {
+            return Walk::Listed(entry);
         }
         let parent = read_ptr(dentry, o.dentry_d_parent);
         if dentry.is_null() || (parent == dentry && (parent_mount.is_null() || parent_mount == mount)) {
@@ -258,44 +328,36 @@ fn device_of(o: &KernelOffsets, dentry: Ptr) -> u32 {
 /// What the rules say of one target: (allowed, rule id).
 #[inline(always)]
 fn decide<const DEPTH: u32>(o: &KernelOffsets, g: &Governed, target: Target, requested: u8) -> (bool, u32) {
-    match nearest_listed::<DEPTH>(o, g.slot, target) {
+    match nearest_listed::<DEPTH>(o, g, target) {
         Walk::Listed(e) => (e.deny == 0 && e.allow & requested == requested, e.rule_id as u32),
         Walk::Unlisted => (g.default_grants & requested == requested, 0),
         Walk::TooDeep => (false, RULE_FAIL_CLOSED),
     }
 }
 
-/// Judges `requested` access to the target for the caller. Returns 0 or -EACCES.
+/// Judges `requested` access to the target for the governed caller. Returns 0 or
+/// -EACCES.
 #[inline(always)]
-fn judge(target: Target, requested: u8, hook_id: u8, change_kind: u8) -> i32 {
-    judge_both(target, None, requested, hook_id, change_kind)
+fn judge(g: &Governed, target: Target, requested: u8, hook_id: u8, change_kind: u8) -> i32 {
+    judge_both(g, target, None, requested, hook_id, change_kind)
 }
 
 /// Judges one or two targets (a rename's source and destination): both must be
 /// allowed. One event, for the first target refused, so the verifier walks the event
 /// path once whatever the number of targets.
 #[inline(always)]
-fn judge_both(first: Target, second: Option<Target>, requested: u8, hook_id: u8, change_kind: u8) -> i32 {
-    let g = match governed() {
-        None => return 0,
-        Some(Ok(g)) => g,
-        Some(Err(slot)) => {
-            emit::count(counter::MISSING_POLICY);
-            emit::count_decision(slot, hook_id, verdict::DENY);
-            return -EACCES;
-        }
-    };
-    let o = ENF_OFFSETS.load();
+fn judge_both(g: &Governed, first: Target, second: Option<Target>, requested: u8, hook_id: u8, change_kind: u8) -> i32 {
+    let o = offsets();
     // Two walks in one program double the verifier's work; each gets half the depth
     // (a deeper path is refused, fail closed).
     let (mut allowed, mut rule_id) = match second {
-        None => decide::<{ limits::MAX_PATH_DEPTH }>(&o, &g, first, requested),
-        Some(_) => decide::<{ limits::MAX_PATH_DEPTH_TWO_TARGETS }>(&o, &g, first, requested),
+        None => decide::<{ limits::MAX_PATH_DEPTH }>(o, g, first, requested),
+        Some(_) => decide::<{ limits::MAX_PATH_DEPTH_TWO_TARGETS }>(o, g, first, requested),
     };
     let mut target = first;
     if allowed {
         if let Some(second) = second {
-            (allowed, rule_id) = decide::<{ limits::MAX_PATH_DEPTH_TWO_TARGETS }>(&o, &g, second, requested);
+            (allowed, rule_id) = decide::<{ limits::MAX_PATH_DEPTH_TWO_TARGETS }>(o, g, second, requested);
             target = second;
         }
     }
@@ -309,7 +371,7 @@ fn judge_both(first: Target, second: Option<Target>, requested: u8, hook_id: u8,
     emit::count_decision(g.slot, hook_id, v);
     if v != verdict::ALLOW || g.log_allowed {
         let d = FileDecision { slot: g.slot, rule_id, hook: hook_id, verdict: v, requested, change: change_kind };
-        emit::emit_file_event(&d, &o, target.start(), target.vfsmount);
+        emit::emit_file_event(&d, o, target.start(), target.vfsmount());
     }
     if v == verdict::DENY { -EACCES } else { 0 }
 }
@@ -327,7 +389,7 @@ pub fn enf_file_open(ctx: LsmContext) -> i32 {
         return ret;
     }
     let file: Ptr = ctx.arg(0);
-    let o = ENF_OFFSETS.load();
+    let o = offsets();
     let f_mode = load_u32(file, o.file_f_mode);
     // execve's own open is judged as exec by bprm_check_security.
     if f_mode & FMODE_EXEC != 0 {
@@ -343,8 +405,11 @@ pub fn enf_file_open(ctx: LsmContext) -> i32 {
     if requested == 0 {
         return 0;
     }
+    let g = match governing(hook::FILE_OPEN) {
+        Ok(g) => g,
+        Err(ret) => return ret,
+    };
     let dentry = load_ptr(file, o.file_f_path_dentry);
-    let vfsmount = read_ptr(file, o.file_f_path_mnt);
     // Overlayfs opens the real file of a layer for each overlay file. Up to Linux 6.6
     // that backing file carries the overlay's path (judged already, when the overlay
     // file itself was opened) with the real inode: judge the real file by its own
@@ -355,11 +420,11 @@ pub fn enf_file_open(ctx: LsmContext) -> i32 {
     let target = if inode != load_ptr(dentry, o.dentry_d_inode) {
         let alias = read_ptr(inode, o.inode_i_dentry);
         let real = if alias.is_null() { alias } else { alias.wrapping_sub(o.dentry_d_alias as usize) };
-        Target::untyped(real, core::ptr::null())
+        Target::untyped(real)
     } else {
-        Target::typed(dentry, vfsmount)
+        Target::typed(dentry, file.wrapping_add(o.file_f_path_mnt as usize))
     };
-    judge(target, requested, hook::FILE_OPEN, change::NONE)
+    judge(&g, target, requested, hook::FILE_OPEN, change::NONE)
 }
 
 #[lsm(hook = "bprm_check_security")]
@@ -367,13 +432,17 @@ pub fn enf_bprm_check(ctx: LsmContext) -> i32 {
     if let Some(ret) = earlier(&ctx, 1) {
         return ret;
     }
+    let g = match governing(hook::FILE_EXEC) {
+        Ok(g) => g,
+        Err(ret) => return ret,
+    };
     let bprm: Ptr = ctx.arg(0);
-    let o = ENF_OFFSETS.load();
+    let o = offsets();
     let file = load_ptr(bprm, o.linux_binprm_file);
     if file.is_null() {
         return 0;
     }
-    judge(file_target(&o, file), access::EXEC, hook::FILE_EXEC, change::NONE)
+    judge(&g, file_target(o, file), access::EXEC, hook::FILE_EXEC, change::NONE)
 }
 
 /// Executable mappings need exec: `ld.so ./binary` maps the binary without execve.
@@ -387,28 +456,40 @@ pub fn enf_mmap_file(ctx: LsmContext) -> i32 {
     if file.is_null() || prot & PROT_EXEC == 0 {
         return 0;
     }
-    let o = ENF_OFFSETS.load();
-    judge(file_target(&o, file), access::EXEC, hook::FILE_MMAP, change::NONE)
+    let g = match governing(hook::FILE_MMAP) {
+        Ok(g) => g,
+        Err(ret) => return ret,
+    };
+    let o = offsets();
+    judge(&g, file_target(o, file), access::EXEC, hook::FILE_MMAP, change::NONE)
 }
 
 /// The path of a `struct file *` the verifier knows the type of.
 #[inline(always)]
 fn file_target(o: &KernelOffsets, file: Ptr) -> Target {
-    Target::typed(load_ptr(file, o.file_f_path_dentry), read_ptr(file, o.file_f_path_mnt))
+    Target::typed(load_ptr(file, o.file_f_path_dentry), file.wrapping_add(o.file_f_path_mnt as usize))
 }
 
 /// Write access to the tree at `path` (a `struct path *`).
 #[inline(always)]
 fn judge_path_write(path: Ptr, change_kind: u8) -> i32 {
-    let o = ENF_OFFSETS.load();
-    judge(Target::typed(load_ptr(path, o.path_dentry), read_ptr(path, o.path_mnt)), access::WRITE, hook::FILE_CHANGE, change_kind)
+    let g = match governing(hook::FILE_CHANGE) {
+        Ok(g) => g,
+        Err(ret) => return ret,
+    };
+    let o = offsets();
+    judge(&g, Target::typed(load_ptr(path, o.path_dentry), path.wrapping_add(o.path_mnt as usize)), access::WRITE, hook::FILE_CHANGE, change_kind)
 }
 
 /// Write access to an existing entry `dentry` inside the directory `dir` (same mount).
 #[inline(always)]
 fn judge_entry_write(dir: Ptr, dentry: Ptr, change_kind: u8) -> i32 {
-    let o = ENF_OFFSETS.load();
-    judge(Target::typed(dentry, read_ptr(dir, o.path_mnt)), access::WRITE, hook::FILE_CHANGE, change_kind)
+    let g = match governing(hook::FILE_CHANGE) {
+        Ok(g) => g,
+        Err(ret) => return ret,
+    };
+    let o = offsets();
+    judge(&g, Target::typed(dentry, dir.wrapping_add(o.path_mnt as usize)), access::WRITE, hook::FILE_CHANGE, change_kind)
 }
 
 #[lsm(hook = "path_mknod")]
@@ -462,19 +543,19 @@ pub fn enf_path_link(ctx: LsmContext) -> i32 {
     let old_dentry: Ptr = ctx.arg(0);
     let new_dir: Ptr = ctx.arg(1);
     let new_dentry: Ptr = ctx.arg(2);
-    let o = ENF_OFFSETS.load();
-    let mnt = read_ptr(new_dir, o.path_mnt);
+    let o = offsets();
     // The new (negative) dentry's walk starts at the new directory.
-    let ret = judge_both(
-        Target::typed(old_dentry, mnt),
-        Some(Target::typed(new_dentry, mnt)),
-        access::WRITE,
-        hook::FILE_CHANGE,
-        change::LINK,
-    );
+    let ret = match governing(hook::FILE_CHANGE) {
+        Ok(g) => {
+            let mnt = new_dir.wrapping_add(o.path_mnt as usize);
+            judge_both(&g, Target::typed(old_dentry, mnt), Some(Target::typed(new_dentry, mnt)), access::WRITE, hook::FILE_CHANGE, change::LINK)
+        }
+        Err(ret) => ret,
+    };
+    // Whoever made the link (inside the cgroup or not), a listed name gets its inode.
     if ret == 0 {
-        let o = ENF_OFFSETS.load();
-        adopt_pending(&o, new_dentry, read_ptr(old_dentry, o.dentry_d_inode));
+        let o = offsets();
+        adopt_pending(o, new_dentry, read_ptr(old_dentry, o.dentry_d_inode));
     }
     ret
 }
@@ -489,17 +570,22 @@ pub fn enf_path_rename(ctx: LsmContext) -> i32 {
     let old_dentry: Ptr = ctx.arg(1);
     let new_dir: Ptr = ctx.arg(2);
     let new_dentry: Ptr = ctx.arg(3);
-    let o = ENF_OFFSETS.load();
-    let ret = judge_both(
-        Target::typed(old_dentry, read_ptr(old_dir, o.path_mnt)),
-        Some(Target::typed(new_dentry, read_ptr(new_dir, o.path_mnt))),
-        access::WRITE,
-        hook::FILE_CHANGE,
-        change::RENAME,
-    );
+    let o = offsets();
+    let ret = match governing(hook::FILE_CHANGE) {
+        Ok(g) => judge_both(
+            &g,
+            Target::typed(old_dentry, old_dir.wrapping_add(o.path_mnt as usize)),
+            Some(Target::typed(new_dentry, new_dir.wrapping_add(o.path_mnt as usize))),
+            access::WRITE,
+            hook::FILE_CHANGE,
+            change::RENAME,
+        ),
+        Err(ret) => ret,
+    };
+    // Whoever renamed (inside the cgroup or not), a listed name gets its inode.
     if ret == 0 {
-        let o = ENF_OFFSETS.load();
-        adopt_pending(&o, new_dentry, read_ptr(old_dentry, o.dentry_d_inode));
+        let o = offsets();
+        adopt_pending(o, new_dentry, read_ptr(old_dentry, o.dentry_d_inode));
     }
     ret
 }
@@ -533,9 +619,9 @@ pub fn enf_path_chown(ctx: LsmContext) -> i32 {
 /// path is protected from its first moment even with no controller running.
 #[lsm(hook = "d_instantiate")]
 pub fn enf_d_instantiate(ctx: LsmContext) -> i32 {
-    let o = ENF_OFFSETS.load();
+    let o = offsets();
     if o.valid != 0 {
-        adopt_pending(&o, ctx.arg(0), ctx.arg(1));
+        adopt_pending(o, ctx.arg(0), ctx.arg(1));
     }
     0
 }
@@ -573,7 +659,12 @@ fn adopt_pending(o: &KernelOffsets, dentry: Ptr, inode: Ptr) {
     let ino = read_u64(inode, o.inode_i_ino);
     let dev = read_u32(read_ptr(inode, o.inode_i_sb), o.super_block_s_dev);
     if pending.remaining == 0 {
-        let _ = ENF_FILES.insert(&FileKey { ino, dev, slot }, &pending.entry, 0);
+        // Marked before it is listed: a walk must never skip a listed inode.
+        let Some(filter) = ENF_FILE_FILTER.get_ptr_mut(0) else { return };
+        unsafe { (*filter).listed[FileFilter::index(dev, ino)] = 1 };
+        if ENF_FILES.insert(&FileKey { ino, dev, slot }, &pending.entry, 0).is_err() {
+            files_overflow(slot);
+        }
         return;
     }
     // Built in a per-CPU scratch value: key and value together exceed the BPF stack.
@@ -590,7 +681,19 @@ fn adopt_pending(o: &KernelOffsets, dentry: Ptr, inode: Ptr) {
     key.parent_ino = ino;
     key.parent_dev = dev;
     copy_name(&mut key.name, &pending.names[0]);
-    let _ = ENF_PENDING.insert(&key, next, 0);
+    if ENF_PENDING.insert(&key, next, 0).is_err() {
+        files_overflow(slot);
+    }
+}
+
+/// A listed path could not be listed: the slot fails closed (see
+/// `PolicyConfig::files_overflow`).
+#[inline(always)]
+fn files_overflow(slot: u32) {
+    emit::count(counter::FILES_FULL);
+    if let Some(config) = ENF_POLICIES.get_ptr_mut(slot) {
+        unsafe { (*config).files_overflow = 1 };
+    }
 }
 
 #[inline(always)]

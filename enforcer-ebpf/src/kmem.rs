@@ -36,21 +36,41 @@ pub fn read_u64(base: Ptr, offset: u32) -> u64 {
     read(base, offset)
 }
 
+/// A field offset: as the offsets table holds it (u32), or already widened (usize) by
+/// a loop that copied it out of the table once.
+pub trait Offset: Copy {
+    fn bytes(self) -> usize;
+}
+
+impl Offset for u32 {
+    #[inline(always)]
+    fn bytes(self) -> usize {
+        self as usize
+    }
+}
+
+impl Offset for usize {
+    #[inline(always)]
+    fn bytes(self) -> usize {
+        self
+    }
+}
+
 /// A field of a struct the verifier knows the type of (a hook argument, or a pointer
 /// loaded from one such field): a plain load, which the JIT guards against faults (a
 /// NULL or bad pointer reads 0), instead of a helper call. The verifier refuses it on
 /// a pointer it knows only as a number: use the `read_*` functions for those.
 #[inline(always)]
-pub fn load_ptr(base: Ptr, offset: u32) -> Ptr {
-    unsafe { core::ptr::read_volatile(base.wrapping_add(offset as usize) as *const Ptr) }
+pub fn load_ptr(base: Ptr, offset: impl Offset) -> Ptr {
+    unsafe { core::ptr::read_volatile(base.wrapping_add(offset.bytes()) as *const Ptr) }
 }
 
 #[inline(always)]
-pub fn load_u32(base: Ptr, offset: u32) -> u32 {
-    unsafe { core::ptr::read_volatile(base.wrapping_add(offset as usize) as *const u32) }
+pub fn load_u32(base: Ptr, offset: impl Offset) -> u32 {
+    unsafe { core::ptr::read_volatile(base.wrapping_add(offset.bytes()) as *const u32) }
 }
 
 #[inline(always)]
-pub fn load_u64(base: Ptr, offset: u32) -> u64 {
-    unsafe { core::ptr::read_volatile(base.wrapping_add(offset as usize) as *const u64) }
+pub fn load_u64(base: Ptr, offset: impl Offset) -> u64 {
+    unsafe { core::ptr::read_volatile(base.wrapping_add(offset.bytes()) as *const u64) }
 }

@@ -6,9 +6,12 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use enforcer_common::{
-    Binding, DECISION_STRIDE, DnsOrigin, LearnedClauses, FileEntry, FileKey, Net4Key, Net6Key, PendingKey, PendingValue, PolicyConfig,
+    Binding, DECISION_STRIDE, DnsOrigin, LearnedClauses, FileEntry, FileFilter, FileKey, Net4Key, Net6Key, PendingKey, PendingValue, PolicyConfig,
     PrefixClauses, counter, dns, limits,
 };
+
+/// `BPF_F_MMAPABLE` (include/uapi/linux/bpf.h).
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// binding (one per attached cgroup) -> cgroup id and policy slot.
 #[map(name = "ENF_BINDINGS")]
@@ -40,6 +43,11 @@ pub static ENF_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 
 /// (inode, slot) -> what a listed path decides for itself and everything beneath.
 #[map(name = "ENF_FILES")]
 pub static ENF_FILES: HashMap<FileKey, FileEntry> = HashMap::pinned(limits::MAX_FILE_ENTRIES, 0);
+
+/// Which inodes `ENF_FILES` may hold, over all slots (see `FileFilter`). Mappable,
+/// so the controller sets bytes in place without overwriting the kernel's.
+#[map(name = "ENF_FILE_FILTER")]
+pub static ENF_FILE_FILTER: Array<FileFilter> = Array::pinned(1, BPF_F_MMAPABLE);
 
 /// (existing parent inode, name, slot) -> a listed path not created yet.
 #[map(name = "ENF_PENDING")]

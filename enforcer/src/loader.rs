@@ -24,7 +24,7 @@ use aya::{
     programs::{CgroupSock, CgroupSockAddr, Lsm, links::FdLink},
 };
 use enforcer_common::{
-    Binding, FileEntry, FileKey, KernelOffsets, LearnedClauses, Net4Key, Net6Key, PendingKey, PendingValue, PolicyConfig,
+    Binding, FileEntry, FileFilter, FileKey, KernelOffsets, LearnedClauses, Net4Key, Net6Key, PendingKey, PendingValue, PolicyConfig,
     PrefixClauses, SLOT_PREFIX_BITS, decision_index, hook, limits, names, verdict,
 };
 use serde::{Deserialize, Serialize};
@@ -428,6 +428,55 @@ fn open_pinned_map(name: &'static str) -> Result<Map, LoaderError> {
     Map::from_map_data(data).map_err(|source| LoaderError::Map { name, source })
 }
 
+/// `ENF_FILE_FILTER` mapped into this process. Bytes are set in place: writing the
+/// map's value whole would overwrite bytes the kernel set in the meantime.
+struct FileFilterMap {
+    bytes: *mut u8,
+    _map: MapData,
+}
+
+// The mapping is plain shared memory; the pointer is only written through `mark`.
+unsafe impl Send for FileFilterMap {}
+
+impl FileFilterMap {
+    fn open_pinned() -> Result<Self, LoaderError> {
+        let name = names::MAP_FILE_FILTER;
+        let path = maps_dir().join(name);
+        if !path.exists() {
+            return Err(LoaderError::NotAttached);
+        }
+        let map = MapData::from_pin(&path).map_err(|source| LoaderError::Map { name, source })?;
+        // SAFETY: a fresh shared mapping of the map's one value, FileFilter::LEN bytes
+        // (a multiple of the page size), unmapped on drop.
+        let bytes = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                FileFilter::LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if bytes == libc::MAP_FAILED {
+            return Err(LoaderError::Io { what: "mapping", path, source: io::Error::last_os_error() });
+        }
+        Ok(Self { bytes: bytes.cast(), _map: map })
+    }
+
+    /// Marks an inode before its entry is inserted.
+    fn mark(&mut self, dev: u32, ino: u64) {
+        // SAFETY: index() < FileFilter::LEN, the length of the mapping.
+        unsafe { self.bytes.add(FileFilter::index(dev, ino)).write_volatile(1) };
+    }
+}
+
+impl Drop for FileFilterMap {
+    fn drop(&mut self) {
+        unsafe { libc::munmap(self.bytes.cast(), FileFilter::LEN) };
+    }
+}
+
 macro_rules! typed_map {
     ($name:expr) => {{
         let name = $name;
@@ -646,6 +695,10 @@ impl Tables {
                 .map_err(|source| LoaderError::TableFull { table: names::MAP_NET6, source })?;
         }
         if let Some(files) = &compiled.files {
+            let mut filter = FileFilterMap::open_pinned()?;
+            for &(dev, ino) in files.inodes.keys() {
+                filter.mark(dev, ino);
+            }
             for (&(dev, ino), entry) in &files.inodes {
                 self.files
                     .insert(FileKey { ino, dev, slot }, entry, 0)
