@@ -595,6 +595,8 @@ pub fn status_report() -> anyhow::Result<serde_json::Value> {
             "mode": info.mode,
             "links": loader::pinned_link_count(cgroup_id),
             "grants": grants::live(cgroup_id),
+            // A file table overflowed: the cgroup's file access fails closed until re-attached.
+            "files_fail_closed": config.is_some_and(|c| c.files_overflow != 0),
             "decisions": decisions,
         }));
     }
@@ -602,6 +604,7 @@ pub fn status_report() -> anyhow::Result<serde_json::Value> {
         "attached": attached,
         "events_lost": tables.counter(enforcer_common::counter::EVENTS_LOST),
         "fail_closed": tables.counter(enforcer_common::counter::MISSING_POLICY),
+        "file_table_full": tables.counter(enforcer_common::counter::FILES_FULL),
     }))
 }
 

@@ -93,6 +93,11 @@ pub fn render() -> String {
     .expect("valid metric");
     let build = IntGaugeVec::new(Opts::new("enforcer_build_info", "enforcer build (value 1)"), &["version"])
         .expect("valid metric");
+    let files_full = IntCounter::new(
+        "enforcer_file_table_full_total",
+        "Paths created after attach that the kernel could not list because a file table was full",
+    )
+    .expect("valid metric");
     registry.register(Box::new(written.clone())).expect("unique metric");
     registry.register(Box::new(reloads.clone())).expect("unique metric");
     registry.register(Box::new(build.clone())).expect("unique metric");
@@ -110,6 +115,7 @@ pub fn render() -> String {
         registry.register(Box::new(m.clone())).expect("unique metric");
     }
     registry.register(Box::new(fail_closed.clone())).expect("unique metric");
+    registry.register(Box::new(files_full.clone())).expect("unique metric");
     registry.register(Box::new(info.clone())).expect("unique metric");
     registry.register(Box::new(isolated.clone())).expect("unique metric");
     registry.register(Box::new(DNS_QUERIES.clone())).expect("unique metric");
@@ -132,6 +138,7 @@ pub fn render() -> String {
         }
         lost.with_label_values(&["kernel"]).inc_by(tables.counter(counter::EVENTS_LOST));
         fail_closed.inc_by(tables.counter(counter::MISSING_POLICY));
+        files_full.inc_by(tables.counter(counter::FILES_FULL));
     } else {
         lost.with_label_values(&["kernel"]).inc_by(0);
     }

@@ -10,6 +10,14 @@ use std::{
 
 use enforcer_tests::*;
 
+/// The kernel's file tables are shared by every attach: the test that fills one runs
+/// alone (write), the others together (read).
+static FILE_TABLES: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn sharing_file_tables() -> std::sync::RwLockReadGuard<'static, ()> {
+    FILE_TABLES.read().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The file backend attach picks on this machine.
 fn backend() -> String {
     let out = enforcer(&["doctor", "--json"]);
@@ -110,6 +118,7 @@ fn expect(results: &HashMap<String, bool>, expected: &[(&str, bool)]) {
 
 #[test]
 fn reads_writes_and_denials_follow_the_tree_rules() {
+    let _tables = sharing_file_tables();
     let s = Scratch::new("rw");
     s.file("project/src/main.rs", "fn main() {}");
     s.file("project/out/log", "");
@@ -146,6 +155,7 @@ fn reads_writes_and_denials_follow_the_tree_rules() {
 
 #[test]
 fn tree_changes_need_write_access() {
+    let _tables = sharing_file_tables();
     let s = Scratch::new("tree");
     s.file("ro/keep", "k");
     s.file("ro/sub/x", "x");
@@ -181,6 +191,7 @@ fn tree_changes_need_write_access() {
 
 #[test]
 fn exec_needs_exec_access_including_through_the_dynamic_loader() {
+    let _tables = sharing_file_tables();
     let s = Scratch::new("exec");
     let tool = s.0.join("downloads/tool");
     fs::create_dir_all(tool.parent().unwrap()).unwrap();
@@ -208,6 +219,7 @@ fn exec_needs_exec_access_including_through_the_dynamic_loader() {
 
 #[test]
 fn links_bind_mounts_and_reopens_cannot_relabel_a_denied_file() {
+    let _tables = sharing_file_tables();
     let s = Scratch::new("relabel");
     let secret = s.file("home/.aws/credentials", "KEY");
     s.file("work/readme", "hi");
@@ -277,6 +289,7 @@ fn links_bind_mounts_and_reopens_cannot_relabel_a_denied_file() {
 
 #[test]
 fn a_denied_path_created_after_attach_is_protected() {
+    let _tables = sharing_file_tables();
     let s = Scratch::new("later");
     fs::create_dir_all(s.0.join("home")).unwrap();
     let cg = TestCgroup::new("files-later");
@@ -299,6 +312,7 @@ fn a_denied_path_created_after_attach_is_protected() {
 
 #[test]
 fn processes_outside_the_cgroup_are_untouched_and_audit_mode_only_records() {
+    let _tables = sharing_file_tables();
     let s = Scratch::new("outside");
     let secret = s.file("vault/key", "K");
     let cg = TestCgroup::new("files-audit");
@@ -310,4 +324,43 @@ fn processes_outside_the_cgroup_are_untouched_and_audit_mode_only_records() {
     let ev = c.wait_event("the audited read", |e| e["file"]["path"] == secret.display().to_string());
     assert_eq!(ev["enforcer"]["verdict"], "audit-deny", "{ev}");
     assert_eq!(ev["policy"]["mode"], "audit");
+}
+
+/// Stale pending entries (a listed path's missing parent created and removed over and
+/// over, each time a new inode) could fill the kernel's pending table; a listed path
+/// created after that would go unlisted and fall to a laxer ancestor. Where the kernel
+/// cannot list a path, the cgroup's file access fails closed instead.
+#[test]
+fn filling_the_pending_table_fails_closed_instead_of_unlisting_a_path() {
+    let _tables = FILE_TABLES.write().unwrap_or_else(|e| e.into_inner());
+    let s = Scratch::new("churn");
+    fs::create_dir_all(s.0.join("home")).unwrap();
+    let cg = TestCgroup::new("files-churn");
+    let p = files_policy("enforce", "    default: allow\n    deny: [ROOT/home/.config/gcloud]\n", &s.0);
+    let _c = attach_files(&cg, &p);
+    // More rounds than the pending table holds, from inside the cgroup.
+    let config = s.p("home/.config");
+    let churn = format!(
+        "i=0; while [ $i -lt {} ]; do mkdir {config} && rmdir {config}; i=$((i+1)); done",
+        enforcer_common::limits::MAX_PENDING_PATHS + 64
+    );
+    // Its mkdirs start failing once the cgroup fails closed; the outcome is judged below.
+    command_in(&cg.path, Path::new("/bin/sh")).arg("-c").arg(&churn).output().expect("sh");
+    let token = s.file("home/.config/gcloud/token", "TOKEN");
+    let sibling = s.file("home/other", "fine");
+    // Once failed closed the cgroup cannot even exec cat: a spawn error is a denial.
+    let reads = |path: &Path| command_in(&cg.path, Path::new("/bin/cat")).arg(path).output().is_ok_and(|o| o.status.success());
+    assert!(!reads(&token), "the listed path created after the churn was readable");
+    if lsm() {
+        // The table overflowed: the cgroup's file access fails closed, and status says so.
+        assert!(!reads(&sibling), "the cgroup did not fail closed");
+        let status = enforcer(&["status", "--json"]);
+        let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status --json");
+        let mine = status["attached"].as_array().unwrap().iter().find(|a| a["cgroup_id"] == cg.id()).cloned().unwrap();
+        assert_eq!(mine["files_fail_closed"], true, "{mine}");
+        assert!(status["file_table_full"].as_u64().unwrap() > 0, "{status}");
+    } else {
+        // fanotify decides by path in the controller: no kernel table to fill.
+        assert!(reads(&sibling), "fanotify denied an allowed read");
+    }
 }
