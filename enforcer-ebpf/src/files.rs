@@ -239,8 +239,8 @@ fn nearest_listed_in_filesystem<const DEPTH: u32>(o: &KernelOffsets, g: &Governe
     let mut at = Climbed { dentry, ino: 0 };
     // No loop around the climb: 6.1's verifier refuses a loop whose back edge follows
     // a subprogram call. A filter byte marked for another inode (about 1.5% of steps
-    // at 1,000 listed inodes) costs a lookup and one more climb; past
-    // MAX_FALSE_MARKS of them on one path the walk fails closed.
+    // at 1,000 listed inodes) costs a lookup and one more climb; after the fourth
+    // the rest of the path is walked with a lookup at every step.
     let left = DEPTH as u64;
     let left = match climb_and_look(o, g, dev, left, &mut at) {
         Ok(walk) => return walk,
@@ -256,8 +256,31 @@ fn nearest_listed_in_filesystem<const DEPTH: u32>(o: &KernelOffsets, g: &Governe
     };
     match climb_and_look(o, g, dev, left, &mut at) {
         Ok(walk) => walk,
-        Err(_) => Some(Walk::TooDeep),
+        Err(left) => nearest_listed_by_lookup(o, g, dev, at.dentry, left),
     }
+}
+
+/// The walk without the filter: a crowded filter (a large policy, or a tree built to
+/// collide with it) must cost time, never a wrong answer.
+#[inline(always)]
+fn nearest_listed_by_lookup(o: &KernelOffsets, g: &Governed, dev: u32, mut dentry: Ptr, mut left: u64) -> Option<Walk> {
+    while left > 0 {
+        left -= 1;
+        if dentry.is_null() {
+            return Some(Walk::Unlisted);
+        }
+        let inode = load_ptr(dentry, o.dentry_d_inode);
+        let ino = if inode.is_null() { 0 } else { load_u64(inode, o.inode_i_ino) };
+        if let Some(entry) = unsafe { ENF_FILES.get(&FileKey { ino, dev, slot: g.slot }) } {
+            return Some(Walk::Listed(*entry));
+        }
+        let parent = load_ptr(dentry, o.dentry_d_parent);
+        if parent == dentry {
+            return None;
+        }
+        dentry = parent;
+    }
+    Some(Walk::TooDeep)
 }
 
 /// One climb and the lookup of where it stopped: `Ok` with the walk's answer, or
