@@ -364,3 +364,33 @@ fn filling_the_pending_table_fails_closed_instead_of_unlisting_a_path() {
         assert!(reads(&sibling), "fanotify denied an allowed read");
     }
 }
+
+/// The kernel's walk skips the hash lookup of an ancestor whose byte in the filter of
+/// listed inodes is clear; a byte set for another inode costs a lookup, and after four
+/// of them on one path the walk goes on with a lookup per step. The filter is shared by
+/// all attaches, so a second attach that lists every directory of a chain marks them
+/// all for the first, where they are not listed: the first's walk must still reach its
+/// rule above the chain. Read is allowed there (the walk did not give up) and write is
+/// not (the rule was not skipped in favour of `default: allow`).
+#[test]
+fn a_path_crowded_with_falsely_marked_ancestors_still_finds_its_rule() {
+    let _tables = sharing_file_tables();
+    let s = Scratch::new("crowded");
+    let chain = "top/c1/c2/c3/c4/c5";
+    let file = s.file(&format!("{chain}/file"), "x");
+    let marks: String = (1..=5).map(|n| format!("      - ROOT/top/{}\n", &chain[4..4 + 3 * n - 1])).collect();
+    let other_cg = TestCgroup::new("files-crowding");
+    let other = files_policy("enforce", &format!("    default: allow\n    deny:\n{marks}"), &s.0);
+    let _marking = attach_files(&other_cg, &other);
+    let cg = TestCgroup::new("files-crowded");
+    let p = files_policy("enforce", "    default: allow\n    read: [ROOT/top]\n", &s.0);
+    let _c = attach_files(&cg, &p);
+    let r = try_in(
+        &cg.path,
+        &[("read", format!("cat {}", file.display())), ("write", format!("sh -c 'echo y >> {}'", file.display()))],
+    );
+    expect(&r, &[("read", true), ("write", false)]);
+    // The marking attach's own rule holds too.
+    let r = try_in(&other_cg.path, &[("denied", format!("cat {}", file.display()))]);
+    expect(&r, &[("denied", false)]);
+}
