@@ -420,12 +420,15 @@ pub struct Tables {
 }
 
 fn open_pinned_map(name: &'static str) -> Result<Map, LoaderError> {
+    Map::from_map_data(open_pinned_data(name)?).map_err(|source| LoaderError::Map { name, source })
+}
+
+fn open_pinned_data(name: &'static str) -> Result<MapData, LoaderError> {
     let path = maps_dir().join(name);
     if !path.exists() {
         return Err(LoaderError::NotAttached);
     }
-    let data = MapData::from_pin(&path).map_err(|source| LoaderError::Map { name, source })?;
-    Map::from_map_data(data).map_err(|source| LoaderError::Map { name, source })
+    MapData::from_pin(&path).map_err(|source| LoaderError::Map { name, source })
 }
 
 /// `ENF_FILE_FILTER` mapped into this process. Bytes are set in place: writing the
@@ -440,12 +443,7 @@ unsafe impl Send for FileFilterMap {}
 
 impl FileFilterMap {
     fn open_pinned() -> Result<Self, LoaderError> {
-        let name = names::MAP_FILE_FILTER;
-        let path = maps_dir().join(name);
-        if !path.exists() {
-            return Err(LoaderError::NotAttached);
-        }
-        let map = MapData::from_pin(&path).map_err(|source| LoaderError::Map { name, source })?;
+        let map = open_pinned_data(names::MAP_FILE_FILTER)?;
         // SAFETY: a fresh shared mapping of the map's one value, FileFilter::LEN bytes
         // (a multiple of the page size), unmapped on drop.
         let bytes = unsafe {
@@ -459,6 +457,7 @@ impl FileFilterMap {
             )
         };
         if bytes == libc::MAP_FAILED {
+            let path = maps_dir().join(names::MAP_FILE_FILTER);
             return Err(LoaderError::Io { what: "mapping", path, source: io::Error::last_os_error() });
         }
         Ok(Self { bytes: bytes.cast(), _map: map })
@@ -696,10 +695,8 @@ impl Tables {
         }
         if let Some(files) = &compiled.files {
             let mut filter = FileFilterMap::open_pinned()?;
-            for &(dev, ino) in files.inodes.keys() {
-                filter.mark(dev, ino);
-            }
             for (&(dev, ino), entry) in &files.inodes {
+                filter.mark(dev, ino);
                 self.files
                     .insert(FileKey { ino, dev, slot }, entry, 0)
                     .map_err(|source| LoaderError::TableFull { table: names::MAP_FILES, source })?;
