@@ -99,10 +99,17 @@ fn remove_tree(dir: &Path) {
 
 impl Drop for TestCgroup {
     fn drop(&mut self) {
-        let _ = Command::new(enforcer_bin())
+        // No panic here: this may run while a failed test unwinds.
+        if let Ok(mut detach) = Command::new(enforcer_bin())
             .args(["detach", "--cgroup", self.arg()])
+            .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .status();
+            .spawn()
+        {
+            if !wait_or_kill(&mut detach, command_deadline()) {
+                eprintln!("enforcer detach --cgroup {} hung; killed it", self.arg());
+            }
+        }
         remove_tree(&self.path);
     }
 }
@@ -167,7 +174,8 @@ impl Controller {
         let sink = stderr_lines.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("attached") {
+                // The controller's INFO line, not an error that mentions "attached".
+                if line.contains("INFO") && line.contains(" attached") {
                     let _ = tx.send(());
                 }
                 sink.lock().unwrap().push(line);
@@ -189,7 +197,7 @@ impl Controller {
     /// Stops the controller (SIGTERM) and hands back its events file.
     pub fn stop(mut self) -> TempFile {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
+        assert!(wait_or_kill(&mut self.child, command_deadline()), "enforcer attach did not exit on SIGTERM");
         std::mem::replace(&mut self.events, TempFile(PathBuf::new()))
     }
 
@@ -223,9 +231,26 @@ impl Drop for Controller {
         // Only signal a child not yet reaped: a reaped pid may belong to someone else.
         if let Ok(None) = self.child.try_wait() {
             unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-            let _ = self.child.wait();
+            if !wait_or_kill(&mut self.child, command_deadline()) {
+                eprintln!("enforcer attach (pid {}) ignored SIGTERM; killed it", self.child.id());
+            }
         }
     }
+}
+
+/// Waits for `child` up to `deadline`, then SIGKILLs and reaps it. False when it had
+/// to be killed.
+pub fn wait_or_kill(child: &mut Child, deadline: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < deadline {
+        match child.try_wait() {
+            Ok(Some(_)) | Err(_) => return true,
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    false
 }
 
 pub fn read_events(path: &Path) -> Vec<serde_json::Value> {
@@ -269,8 +294,7 @@ pub fn probe_in<S: AsRef<str>>(cgroup: &Path, targets: &[S]) -> Vec<String> {
     let out = command_in(cgroup, &enforcer_bin())
         .arg("probe")
         .args(targets.iter().map(AsRef::as_ref))
-        .output()
-        .expect("run probe");
+        .output_within();
     parse_probe(out, targets)
 }
 
@@ -279,8 +303,7 @@ pub fn probe_outside<S: AsRef<str>>(targets: &[S]) -> Vec<String> {
     let out = Command::new(enforcer_bin())
         .arg("probe")
         .args(targets.iter().map(AsRef::as_ref))
-        .output()
-        .expect("run probe");
+        .output_within();
     parse_probe(out, targets)
 }
 
@@ -326,7 +349,67 @@ pub fn free_port() -> u16 {
 }
 
 pub fn enforcer(args: &[&str]) -> Output {
-    Command::new(enforcer_bin()).args(args).output().expect("run enforcer")
+    Command::new(enforcer_bin()).args(args).output_within()
+}
+
+/// How long a command a test runs may take before the test fails (longer in the VM
+/// tests, where verification under software emulation is slow).
+pub fn command_deadline() -> Duration {
+    let secs = std::env::var("ENFORCER_TEST_ATTACH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(120);
+    Duration::from_secs(secs)
+}
+
+/// `Command::output` with a deadline: a command that hangs (an attach that should have
+/// been refused and stays up as a controller, say) fails its test with what it printed
+/// instead of stalling the whole suite.
+pub trait OutputWithin {
+    fn output_within(&mut self) -> Output;
+}
+
+impl OutputWithin for Command {
+    fn output_within(&mut self) -> Output {
+        use std::sync::{Arc, Mutex};
+        let what = format!("{self:?}");
+        let mut child = self
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {what}: {e}"));
+        // Read as it comes, so a killed command still shows what it printed.
+        let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let sink = seen.clone();
+            let reader = std::thread::spawn(move || {
+                let Some(mut pipe) = pipe else { return };
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = pipe.read(&mut buf) {
+                    sink.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+            (seen, reader)
+        };
+        use std::io::Read as _;
+        let (stdout, out_reader) = drain(child.stdout.take().map(|p| Box::new(p) as _));
+        let (stderr, err_reader) = drain(child.stderr.take().map(|p| Box::new(p) as _));
+        let text = |b: &Arc<Mutex<Vec<u8>>>| String::from_utf8_lossy(&b.lock().unwrap()).into_owned();
+        let deadline = command_deadline();
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap_or_else(|e| panic!("waiting for {what}: {e}")) {
+                break status;
+            }
+            if start.elapsed() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{what} did not finish within {deadline:?}; killed it. stdout:\n{}\nstderr:\n{}", text(&stdout), text(&stderr));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let _ = (out_reader.join(), err_reader.join());
+        let take = |b: Arc<Mutex<Vec<u8>>>| std::mem::take(&mut *b.lock().unwrap());
+        Output { status, stdout: take(stdout), stderr: take(stderr) }
+    }
 }
 
 pub fn links_pinned(cgroup_id: u64) -> usize {

@@ -59,7 +59,7 @@ impl Drop for Dnsmasq {
 }
 
 fn dig_outside(server: &str, args: &[&str]) -> String {
-    let out = Command::new("dig").arg(format!("@{server}")).args(["+time=2", "+tries=1"]).args(args).output().expect("dig");
+    let out = Command::new("dig").arg(format!("@{server}")).args(["+time=2", "+tries=1"]).args(args).output_within();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -69,8 +69,7 @@ fn dig_in(cg: &TestCgroup, server: &str, args: &[&str]) -> String {
         .arg(format!("@{server}"))
         .args(["+time=3", "+tries=1"])
         .args(args)
-        .output()
-        .expect("dig in cgroup");
+        .output_within();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -89,8 +88,7 @@ fn sh_in_with_loopback_resolver(cg: &TestCgroup, script: &str) -> std::process::
     let wrapped = format!("mount --bind {} /etc/resolv.conf && {script}", conf.arg());
     command_in(&cg.path, Path::new("/usr/bin/unshare"))
         .args(["--mount", "--propagation", "private", "sh", "-c", &wrapped])
-        .output()
-        .expect("run in cgroup")
+        .output_within()
 }
 
 /// A tiny HTTP server on `addr`: answers every request with 200 "hello".
@@ -284,7 +282,7 @@ fn ttl_expiry_closes_the_address_for_new_connects_even_after_kill_9() {
         "import socket, time\ns = socket.create_connection(('{first}', {port}), timeout=5)\ntime.sleep(4)\n\
          s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\nprint(s.recv(100).decode().split()[1])\n"
     );
-    let held = command_in(&cg.path, Path::new("/usr/bin/python3")).args(["-c", &script]).output().expect("python3");
+    let held = command_in(&cg.path, Path::new("/usr/bin/python3")).args(["-c", &script]).output_within();
     assert_eq!(String::from_utf8_lossy(&held.stdout).trim(), "200", "{held:?}");
     // By now the TTL (2 s) and its 1 s grace have passed: new connects are refused,
     // with the controller alive.
@@ -324,7 +322,7 @@ fn exfiltration_shaped_and_private_answers_are_refused_and_counted() {
     assert_eq!(status(&out), "REFUSED", "{out}");
     c.wait_event("label-too-long", |e| e["event"]["reason"] == "label-too-long");
     c.wait_event("private-answer", |e| e["event"]["reason"] == "private-answer");
-    let scrape = Command::new("curl").args(["-sS", &format!("http://{metrics_addr}/metrics")]).output().expect("curl");
+    let scrape = Command::new("curl").args(["-sS", &format!("http://{metrics_addr}/metrics")]).output_within();
     let text = String::from_utf8_lossy(&scrape.stdout);
     for reason in ["label-too-long", "private-answer"] {
         let line = text

@@ -91,7 +91,7 @@ fn try_in(cgroup: &Path, steps: &[(&str, String)]) -> HashMap<String, bool> {
         .iter()
         .map(|(name, cmd)| format!("if {cmd} >/dev/null 2>&1; then echo {name}=ok; else echo {name}=denied; fi\n"))
         .collect();
-    let out = command_in(cgroup, Path::new("/bin/sh")).arg("-c").arg(&script).output().expect("sh");
+    let out = command_in(cgroup, Path::new("/bin/sh")).arg("-c").arg(&script).output_within();
     let text = String::from_utf8_lossy(&out.stdout);
     let results: HashMap<String, bool> = text
         .lines()
@@ -243,7 +243,7 @@ fn links_bind_mounts_and_reopens_cannot_relabel_a_denied_file() {
             s.p("ovl")
         )
     };
-    let overlays = std::process::Command::new("sh").arg("-c").arg(overlay_cat("work", "readme")).output().unwrap();
+    let overlays = std::process::Command::new("sh").arg("-c").arg(overlay_cat("work", "readme")).output_within();
     let cg = TestCgroup::new("files-relabel");
     let p = files_policy("enforce", "    default: allow\n    deny: [ROOT/home/.aws]\n", &s.0);
     let _c = attach_files(&cg, &p);
@@ -345,11 +345,11 @@ fn filling_the_pending_table_fails_closed_instead_of_unlisting_a_path() {
         enforcer_common::limits::MAX_PENDING_PATHS + 64
     );
     // Its mkdirs start failing once the cgroup fails closed; the outcome is judged below.
-    command_in(&cg.path, Path::new("/bin/sh")).arg("-c").arg(&churn).output().expect("sh");
+    command_in(&cg.path, Path::new("/bin/sh")).arg("-c").arg(&churn).output_within();
     let token = s.file("home/.config/gcloud/token", "TOKEN");
     let sibling = s.file("home/other", "fine");
     // Once failed closed the cgroup cannot even exec cat: a spawn error is a denial.
-    let reads = |path: &Path| command_in(&cg.path, Path::new("/bin/cat")).arg(path).output().is_ok_and(|o| o.status.success());
+    let reads = |path: &Path| command_in(&cg.path, Path::new("/bin/cat")).arg(path).output_within().status.success();
     assert!(!reads(&token), "the listed path created after the churn was readable");
     if lsm() {
         // The table overflowed: the cgroup's file access fails closed, and status says so.

@@ -140,7 +140,7 @@ fn nested_cgroups_and_forked_children_inherit() {
     assert_eq!(probe_in(&grandchild, &t), vec!["EPERM"], "a grandchild cgroup inherits the policy");
     // A process forked twice inside the cgroup.
     let script = format!("sh -c '{} probe {}'", enforcer_bin().display(), t[0]);
-    let out = command_in(&cg.path, std::path::Path::new("/bin/sh")).args(["-c", &script]).output().unwrap();
+    let out = command_in(&cg.path, std::path::Path::new("/bin/sh")).args(["-c", &script]).output_within();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("{} EPERM", t[0]));
     // Not confined: the test's own cgroup.
     assert!(allowed(&probe_outside(&t)[0]), "a process outside the cgroup is untouched");
@@ -246,7 +246,7 @@ fn metrics_count_decisions() {
     let _c = Controller::attach(cg.arg(), &p, &["--metrics-addr", &addr]);
     let t = [format!("tcp:127.0.0.1:{port}"), format!("tcp:127.0.0.1:{}", port.wrapping_add(1).max(1))];
     probe_in(&cg.path, &t);
-    let out = std::process::Command::new("curl").args(["-sf", &format!("http://{addr}/metrics")]).output().expect("curl");
+    let out = std::process::Command::new("curl").args(["-sf", &format!("http://{addr}/metrics")]).output_within();
     let body = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "scrape failed: {out:?}");
     let value = |needle: &str| -> f64 {
@@ -273,8 +273,7 @@ fn run_confines_the_command_as_the_given_user_and_cleans_up() {
         .arg("/bin/sh")
         .arg("-c")
         .arg(format!("id -u; {} probe tcp:127.0.0.1:{port} tcp:127.0.0.1:{closed}; exit 7", bin.display()))
-        .output()
-        .expect("enforcer run");
+        .output_within();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(7), "run exits with the command's status; stderr:\n{stderr}");
@@ -356,8 +355,7 @@ fn icmp_probe_in(cgroup: &std::path::Path) -> String {
     );
     let out = command_in(cgroup, std::path::Path::new("/usr/bin/unshare"))
         .args(["--net", "/bin/sh", "-c", &script])
-        .output()
-        .expect("unshare");
+        .output_within();
     assert!(out.status.success(), "icmp probe failed: {out:?}");
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
