@@ -37,6 +37,15 @@ const SKIP_TESTS: &[(&str, &str)] = &[
 const TIMEOUT: Duration = Duration::from_secs(45 * 60);
 
 const DONE: &str = "ENFORCER-VM-DONE";
+/// A test binary outlived `binary_timeout()`: the guest printed what every process was
+/// waiting on, killed it and went on with the next binary.
+const HUNG_MARK: &str = "ENFORCER-VM-HUNG";
+/// Far above the slowest binary (files: about 210 s), far below `TIMEOUT`;
+/// XTASK_VM_BINARY_SECS overrides it (to check the watchdog itself).
+fn binary_timeout() -> Duration {
+    let secs = std::env::var("XTASK_VM_BINARY_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(15 * 60);
+    Duration::from_secs(secs)
+}
 const EXIT_MARK: &str = "ENFORCER-VM-EXIT";
 
 struct Kernel {
@@ -371,18 +380,36 @@ fn init_script(tests: &[(String, PathBuf)], filter: Option<&str>) -> String {
     if let Some(f) = filter {
         args += &format!(" {}", quote(f));
     }
-    let mut s = format!("{}/bin/enforcer doctor\n", guest_prelude());
+    let mut s = format!("{}{}/bin/enforcer doctor\n", guest_prelude(), HUNG_REPORT);
     // XTASK_VM_TESTS=files,doctor: only these test binaries (developers iterating).
     let only = std::env::var("XTASK_VM_TESTS").ok();
     for (name, _) in tests {
         if only.as_deref().is_some_and(|o| !o.split(',').any(|n| n == name)) {
             continue;
         }
-        s += &format!("/tests/{name} {args}\necho \"{EXIT_MARK} {name} $?\"\n");
+        s += &format!(
+            "/tests/{name} {args} &\npid=$!\n(sleep {secs}; echo; echo \"{HUNG_MARK} {name}\"; hung_report; kill -9 $pid) &\n\
+             dog=$!\nwait $pid\nrc=$?\nkill $dog 2>/dev/null\necho \"{EXIT_MARK} {name} $rc\"\n",
+            secs = binary_timeout().as_secs()
+        );
     }
     s += &format!("echo {DONE}\npoweroff -f\n");
     s
 }
+
+/// What each process is and where it waits, in user space and in the kernel: what a
+/// hang needs to be understood from the console alone.
+const HUNG_REPORT: &str = r#"hung_report() {
+  for d in /proc/[0-9]*; do
+    cmd=$(tr '\0' ' ' < $d/cmdline 2>/dev/null | cut -c1-200)
+    [ -n "$cmd" ] || continue # kernel threads
+    echo "== pid ${d#/proc/} $cmd"
+    grep -E '^(State|PPid):' $d/status 2>/dev/null | tr '\n' ' '; echo "wchan $(cat $d/wchan 2>/dev/null)"
+    for t in $d/task/*; do cat $t/stack 2>/dev/null | head -12; done
+  done
+  dmesg | tail -40
+}
+"#;
 
 /// Shared libraries (and the dynamic loader) a binary needs, by absolute path.
 fn shared_libs(binary: &Path, libs: &mut BTreeSet<PathBuf>) -> anyhow::Result<()> {
@@ -519,9 +546,16 @@ fn boot_console(kernel: &Kernel, initrd: &Path, clock: Clock, mut on_line: impl 
         }
     });
     let deadline = Instant::now() + TIMEOUT;
+    // The tests' guest reports a hung binary itself (hung_report); a console silent for
+    // longer than that means the guest as a whole is stuck.
+    let silence = match clock {
+        Clock::Host => binary_timeout() + Duration::from_secs(180),
+        Clock::Instructions => TIMEOUT,
+    };
     let mut done = false;
     loop {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        let wait = deadline.saturating_duration_since(Instant::now()).min(silence);
+        match rx.recv_timeout(wait) {
             Ok(line) => {
                 println!("[{}] {line}", kernel.release);
                 done |= line == DONE;
@@ -531,7 +565,12 @@ fn boot_console(kernel: &Kernel, initrd: &Path, clock: Clock, mut on_line: impl 
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Ok(Console { done: false, end: format!("timeout after {TIMEOUT:?}") });
+                let end = if Instant::now() >= deadline {
+                    format!("timeout after {TIMEOUT:?}")
+                } else {
+                    format!("the guest printed nothing for {silence:?}: stuck as a whole")
+                };
+                return Ok(Console { done: false, end });
             }
         }
     }
@@ -552,6 +591,10 @@ fn boot(kernel: &Kernel, initrd: &Path) -> anyhow::Result<Outcome> {
                 failed_in_binary += 1;
                 o.failures.push(name.to_string());
             }
+        } else if let Some(name) = line.strip_prefix(HUNG_MARK) {
+            o.failed += 1;
+            failed_in_binary += 1;
+            o.failures.push(format!("{} hung: killed after {:?} (process report above)", name.trim(), binary_timeout()));
         } else if let Some(rest) = line.strip_prefix(EXIT_MARK) {
             // A binary that failed without a FAILED test line (crash, bad arguments).
             let mut words = rest.split_whitespace();
