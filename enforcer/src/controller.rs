@@ -295,6 +295,17 @@ pub fn unconfine(id: u64) -> anyhow::Result<(usize, Option<u32>)> {
             slot
         }
         Err(loader::LoaderError::NotAttached) => None,
+        Err(e @ loader::LoaderError::IncompatiblePin { .. }) => {
+            // Another build's state: this cgroup's links are gone with the rest of its
+            // pins once no cgroup has links left (nothing of that build enforces then).
+            if loader::any_links_pinned() {
+                warn!("{e}; its other cgroups are still attached, so its maps stay pinned");
+            } else {
+                loader::remove_pins()?;
+                info!("removed the pinned state another enforcer build left behind");
+            }
+            None
+        }
         Err(e) => return Err(e.into()),
     };
     Ok((links, slot))

@@ -65,6 +65,13 @@ pub enum LoaderError {
     TableFull { table: &'static str, #[source] source: aya::maps::MapError },
     #[error("enforcer has no pinned state at {PIN_ROOT}: nothing is attached")]
     NotAttached,
+    #[error(
+        "the pinned map {name} at {path} was made by another enforcer build ({found}; this build \
+         expects {expected}), so this build cannot use the pinned state. The cgroups that build \
+         attached stay enforced by its programs: detach them (`enforcer detach --cgroup <cgroup>`, \
+         with either build), then attach again"
+    )]
+    IncompatiblePin { name: String, path: PathBuf, found: String, expected: String },
     #[error("BPF-LSM program {program} (hook {hook}) does not load here: {reason}")]
     LsmUnavailable { program: &'static str, hook: &'static str, reason: String },
 }
@@ -187,6 +194,7 @@ impl ProgramSet {
         ensure_bpffs()?;
         let dir = maps_dir();
         fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+        check_pinned_layouts()?;
         let hooks = files.unwrap_or(FileHooks { offsets: KernelOffsets::default(), cgroup_level: 0 });
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&dir)
@@ -347,6 +355,13 @@ pub fn detach_links(cgroup_id: u64) -> Result<usize, LoaderError> {
     Ok(removed)
 }
 
+/// Some cgroup still has pinned links (programs of some build enforce on it).
+pub fn any_links_pinned() -> bool {
+    fs::read_dir(Path::new(PIN_ROOT).join("cgroups"))
+        .map(|dirs| dirs.flatten().any(|d| fs::read_dir(d.path()).is_ok_and(|mut links| links.next().is_some())))
+        .unwrap_or(false)
+}
+
 /// Removes the shared map pins and the pin root. Only when no cgroup is confined (the
 /// caller holds the `StateLock` and checked); a running program set keeps its maps.
 pub fn remove_pins() -> Result<(), LoaderError> {
@@ -417,6 +432,43 @@ pub struct Tables {
     counters: PerCpuArray<MapData, u64>,
     files: HashMap<MapData, FileKey, FileEntry>,
     pending: HashMap<MapData, PendingKey, PendingValue>,
+}
+
+/// The layout of a map as the kernel reports it, for comparison with this build's.
+fn layout(map_type: u32, key: u32, value: u32, entries: u32, flags: u32) -> String {
+    format!("type {map_type}, key {key} bytes, value {value} bytes, {entries} entries, flags {flags:#x}")
+}
+
+/// Pinned maps outlive the binary that made them, and a load reuses a pinned map as it
+/// finds it: after an upgrade that changed a map's layout the new programs would read
+/// the old values with the new layout. Every pinned map must match this build's
+/// definition exactly.
+pub fn check_pinned_layouts() -> Result<(), LoaderError> {
+    if EBPF_OBJECT.is_empty() {
+        return Ok(());
+    }
+    let obj = aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| LoaderError::Load(e.into()))?;
+    for (name, def) in &obj.maps {
+        if def.pinning() != aya_obj::maps::PinningType::ByName {
+            continue;
+        }
+        let path = maps_dir().join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(|e| LoaderError::Io {
+            what: "reading the layout of the pinned map",
+            path: path.clone(),
+            source: io::Error::other(e),
+        })?;
+        let kernel_type = info.map_type().map(|t| t as u32).unwrap_or(u32::MAX);
+        let found = layout(kernel_type, info.key_size(), info.value_size(), info.max_entries(), info.map_flags());
+        let expected = layout(def.map_type(), def.key_size(), def.value_size(), def.max_entries(), def.map_flags());
+        if found != expected {
+            return Err(LoaderError::IncompatiblePin { name: name.clone(), path, found, expected });
+        }
+    }
+    Ok(())
 }
 
 fn open_pinned_map(name: &'static str) -> Result<Map, LoaderError> {
@@ -560,6 +612,7 @@ impl LearnedTables {
 
 impl Tables {
     pub fn open_pinned() -> Result<Self, LoaderError> {
+        check_pinned_layouts()?;
         Ok(Self {
             bindings: typed_map!(names::MAP_BINDINGS),
             policies: typed_map!(names::MAP_POLICIES),

@@ -417,3 +417,34 @@ pub fn links_pinned(cgroup_id: u64) -> usize {
         .map(|d| d.count())
         .unwrap_or(0)
 }
+
+/// Pins a fresh BPF array map (4-byte keys) at `path`: the raw `bpf(2)` calls, so a
+/// test can leave behind what another build of enforcer would have pinned.
+pub fn pin_array_map(path: &Path, value_size: u32, max_entries: u32) {
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        rest: [u32; 28],
+    }
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    const BPF_MAP_CREATE: i64 = 0;
+    const BPF_OBJ_PIN: i64 = 6;
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    let create = MapCreate { map_type: BPF_MAP_TYPE_ARRAY, key_size: 4, value_size, max_entries, rest: [0; 28] };
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, &create, size_of::<MapCreate>()) };
+    assert!(fd >= 0, "BPF_MAP_CREATE: {}", std::io::Error::last_os_error());
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    let pin = ObjPin { pathname: c_path.as_ptr() as u64, bpf_fd: fd as u32, file_flags: 0 };
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, &pin, size_of::<ObjPin>()) };
+    let err = std::io::Error::last_os_error();
+    unsafe { libc::close(fd as i32) };
+    assert_eq!(rc, 0, "BPF_OBJ_PIN {}: {err}", path.display());
+}

@@ -1,5 +1,7 @@
 //! Network enforcement on the running kernel: real cgroups, real sockets, loopback
 //! destinations only. Each test has its own cgroup, removed on drop.
+use std::{fs, path::Path};
+
 use enforcer_tests::*;
 
 fn allow_one_port(port: u16) -> String {
@@ -305,6 +307,41 @@ fn a_bad_policy_is_refused_and_the_previous_one_stays() {
     assert_eq!(probe_in(&cg.path, &t), vec!["EPERM"], "the previous policy stays in force");
     let check = enforcer(&["policy", "check", bad.arg()]);
     assert!(!check.status.success());
+}
+
+#[test]
+fn pins_left_by_an_incompatible_build_are_refused_and_detach_clears_them() {
+    // An upgrade whose map layout changed: the old build's programs still enforce, its
+    // maps are pinned with the old layout (here: policy values 8 bytes short).
+    let (old, other) = (TestCgroup::new("oldbuild"), TestCgroup::new("newbuild"));
+    let port = loopback_port("127.0.0.1");
+    let target = [format!("tcp:127.0.0.1:{port}")];
+    let deny = policy("deny-all", "enforce", "    default: deny\n");
+    // Its controller stopped for the upgrade; its pinned links go on enforcing.
+    drop(Controller::attach(old.arg(), &deny, &[]));
+    let pinned = Path::new(PIN_ROOT).join("maps/ENF_POLICIES");
+    let value_size = size_of::<enforcer_common::PolicyConfig>() as u32;
+    fs::remove_file(&pinned).expect("unpin the policy map");
+    pin_array_map(&pinned, value_size - 8, enforcer_common::limits::MAX_POLICY_SLOTS);
+    assert_eq!(probe_in(&old.path, &target), vec!["EPERM"], "the old programs still enforce");
+
+    let out = enforcer(&["attach", "--cgroup", other.arg(), "--policy", deny.arg()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "attach over an incompatible pin must be refused");
+    for needed in ["ENF_POLICIES", "another enforcer build", &format!("value {} bytes", value_size - 8), &format!("expects type 2, key 4 bytes, value {value_size} bytes"), "detach"] {
+        assert!(stderr.contains(needed), "missing {needed:?} in:\n{stderr}");
+    }
+    assert_eq!(links_pinned(other.id()), 0, "nothing of the refused attach stays");
+    let status = enforcer(&["status"]);
+    assert!(!status.status.success() && String::from_utf8_lossy(&status.stderr).contains("another enforcer build"), "{status:?}");
+
+    // Detach works with the new build: links first (enforcement ends), then the pins.
+    let detach = enforcer(&["detach", "--cgroup", old.arg()]);
+    assert!(detach.status.success(), "{detach:?}");
+    assert!(!Path::new(PIN_ROOT).join("maps").exists(), "the old build's pins are gone");
+    assert_eq!(probe_in(&old.path, &target), vec!["ok"]);
+    drop(Controller::attach(other.arg(), &deny, &[]));
+    assert_eq!(probe_in(&other.path, &target), vec!["EPERM"], "a new attach works again");
 }
 
 #[test]
