@@ -444,14 +444,7 @@ fn layout(map_type: u32, key: u32, value: u32, entries: u32, flags: u32) -> Stri
 /// the old values with the new layout. Every pinned map must match this build's
 /// definition exactly.
 pub fn check_pinned_layouts() -> Result<(), LoaderError> {
-    if EBPF_OBJECT.is_empty() {
-        return Ok(());
-    }
-    let obj = aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| LoaderError::Load(e.into()))?;
-    for (name, def) in &obj.maps {
-        if def.pinning() != aya_obj::maps::PinningType::ByName {
-            continue;
-        }
+    for (name, expected) in pinned_layouts() {
         let path = maps_dir().join(name);
         if !path.exists() {
             continue;
@@ -463,12 +456,28 @@ pub fn check_pinned_layouts() -> Result<(), LoaderError> {
         })?;
         let kernel_type = info.map_type().map(|t| t as u32).unwrap_or(u32::MAX);
         let found = layout(kernel_type, info.key_size(), info.value_size(), info.max_entries(), info.map_flags());
-        let expected = layout(def.map_type(), def.key_size(), def.value_size(), def.max_entries(), def.map_flags());
-        if found != expected {
-            return Err(LoaderError::IncompatiblePin { name: name.clone(), path, found, expected });
+        if found != *expected {
+            return Err(LoaderError::IncompatiblePin { name: name.clone(), path, found, expected: expected.clone() });
         }
     }
     Ok(())
+}
+
+/// Name and layout of each map this build pins, read from its object once per process
+/// (the tables are opened at every metrics scrape).
+fn pinned_layouts() -> &'static [(String, String)] {
+    static LAYOUTS: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+    LAYOUTS.get_or_init(|| {
+        // No object (AYA_BUILD_SKIP) pins nothing; load() reports that itself.
+        let Ok(obj) = aya_obj::Object::parse(EBPF_OBJECT) else { return Vec::new() };
+        obj.maps
+            .iter()
+            .filter(|(_, def)| def.pinning() == aya_obj::maps::PinningType::ByName)
+            .map(|(name, def)| {
+                (name.clone(), layout(def.map_type(), def.key_size(), def.value_size(), def.max_entries(), def.map_flags()))
+            })
+            .collect()
+    })
 }
 
 fn open_pinned_map(name: &'static str) -> Result<Map, LoaderError> {

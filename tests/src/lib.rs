@@ -183,8 +183,8 @@ impl Controller {
         });
         let mut controller = Self { child, events, stderr_lines };
         // Longer under software emulation (the VM tests), where verification is slow.
-        let secs = std::env::var("ENFORCER_TEST_ATTACH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
-        if rx.recv_timeout(Duration::from_secs(secs)).is_err() {
+        let secs = command_deadline().as_secs();
+        if rx.recv_timeout(command_deadline()).is_err() {
             let status = controller.child.try_wait();
             panic!(
                 "enforcer attach did not report 'attached' within {secs} s (exit: {status:?}); stderr:\n{}",
@@ -368,7 +368,6 @@ pub trait OutputWithin {
 
 impl OutputWithin for Command {
     fn output_within(&mut self) -> Output {
-        use std::sync::{Arc, Mutex};
         let what = format!("{self:?}");
         let mut child = self
             .stdin(Stdio::null())
@@ -376,40 +375,35 @@ impl OutputWithin for Command {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {what}: {e}"));
-        // Read as it comes, so a killed command still shows what it printed.
-        let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
-            let seen = Arc::new(Mutex::new(Vec::new()));
-            let sink = seen.clone();
-            let reader = std::thread::spawn(move || {
-                let Some(mut pipe) = pipe else { return };
-                let mut buf = [0u8; 4096];
-                while let Ok(n @ 1..) = pipe.read(&mut buf) {
-                    sink.lock().unwrap().extend_from_slice(&buf[..n]);
-                }
-            });
-            (seen, reader)
-        };
-        use std::io::Read as _;
-        let (stdout, out_reader) = drain(child.stdout.take().map(|p| Box::new(p) as _));
-        let (stderr, err_reader) = drain(child.stderr.take().map(|p| Box::new(p) as _));
-        let text = |b: &Arc<Mutex<Vec<u8>>>| String::from_utf8_lossy(&b.lock().unwrap()).into_owned();
+        let (stdout, out_reader) = drain(child.stdout.take());
+        let (stderr, err_reader) = drain(child.stderr.take());
         let deadline = command_deadline();
-        let start = Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap_or_else(|e| panic!("waiting for {what}: {e}")) {
-                break status;
-            }
-            if start.elapsed() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("{what} did not finish within {deadline:?}; killed it. stdout:\n{}\nstderr:\n{}", text(&stdout), text(&stderr));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        if !wait_or_kill(&mut child, deadline) {
+            let text = |b: &SharedBytes| String::from_utf8_lossy(&b.lock().unwrap()).into_owned();
+            panic!("{what} did not finish within {deadline:?}; killed it. stdout:\n{}\nstderr:\n{}", text(&stdout), text(&stderr));
+        }
+        let status = child.wait().unwrap_or_else(|e| panic!("waiting for {what}: {e}"));
         let _ = (out_reader.join(), err_reader.join());
-        let take = |b: Arc<Mutex<Vec<u8>>>| std::mem::take(&mut *b.lock().unwrap());
+        let take = |b: SharedBytes| std::mem::take(&mut *b.lock().unwrap());
         Output { status, stdout: take(stdout), stderr: take(stderr) }
     }
+}
+
+type SharedBytes = std::sync::Arc<std::sync::Mutex<Vec<u8>>>;
+
+/// Reads a pipe as it fills, so a command killed at its deadline still shows what it
+/// printed.
+fn drain(pipe: Option<impl std::io::Read + Send + 'static>) -> (SharedBytes, std::thread::JoinHandle<()>) {
+    let seen = SharedBytes::default();
+    let sink = seen.clone();
+    let reader = std::thread::spawn(move || {
+        let Some(mut pipe) = pipe else { return };
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = pipe.read(&mut buf) {
+            sink.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    (seen, reader)
 }
 
 pub fn links_pinned(cgroup_id: u64) -> usize {
