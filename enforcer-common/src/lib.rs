@@ -436,17 +436,60 @@ const _: () = assert!(core::mem::size_of::<FileKey>() == 16);
 /// kernel when it lists a path created after attach), never cleared: a byte written by
 /// one cannot be lost to the other, and a stale byte costs one lookup that misses.
 /// Every inode is marked before its entry is inserted.
+///
+/// Behind the bytes, `records` holds copies of `ENF_FILES` entries at a hash of
+/// (device, inode, slot), so that a walk's marked ancestor is usually answered without
+/// a hash-table lookup (see `FileRecord`).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct FileFilter {
     pub listed: [u8; FileFilter::LEN],
+    pub records: [FileRecord; FileFilter::RECORDS],
 }
-const _: () = assert!(core::mem::size_of::<FileFilter>() == FileFilter::LEN);
+const _: () = assert!(core::mem::size_of::<FileFilter>() == FileFilter::LEN + FileFilter::RECORDS * 24);
+// Mapped whole by the controller: a multiple of the page size.
+const _: () = assert!(core::mem::size_of::<FileFilter>() % 4096 == 0);
+
+/// A copy of one `ENF_FILES` entry, in place for the walk.
+///
+/// Written only while its slot is bound to no cgroup (filled before the binding,
+/// emptied after it is gone, by setting `dev_slot` to 0), so a walk for a live slot
+/// that finds its own `dev_slot` reads a complete record; `dev_slot` is one aligned
+/// word, never seen half written. The one exception is the kernel listing an inode
+/// that already has a record (a rename onto a pending path): it rewrites `entry` as
+/// one word. An entry that found its record taken lives only in `ENF_FILES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileRecord {
+    pub ino: u64,
+    /// `FileRecord::dev_slot(dev, slot)`; 0: empty (slot 0 is never used).
+    pub dev_slot: u64,
+    pub entry: FileEntry,
+}
+const _: () = assert!(core::mem::size_of::<FileRecord>() == 24);
+
+impl FileRecord {
+    #[inline(always)]
+    pub const fn dev_slot(dev: u32, slot: u32) -> u64 {
+        dev as u64 | (slot as u64) << 32
+    }
+}
 
 impl FileFilter {
     const BITS: u32 = 16;
     /// 64 KiB: false positives stay near 1.5% with 1,000 listed inodes.
     pub const LEN: usize = 1 << Self::BITS;
+    /// 768 KiB of records: 1,000 listed inodes of one slot collide on about 3% of them.
+    pub const RECORDS: usize = 1 << 15;
+
+    /// The record of (device, inode) under `slot`: the filter's hash, moved by the
+    /// slot so that one inode listed by many slots (`/usr`) takes many records.
+    #[inline(always)]
+    pub const fn record_index(dev: u32, ino: u64, slot: u32) -> usize {
+        // A sum, masked last: the verifier must see the mask (from a xor the compiler
+        // moved the mask before it, and 6.1 lost the bound).
+        (Self::index(dev, ino) + ((slot as usize) << 7)) & (Self::RECORDS - 1)
+    }
 
     /// The byte of (device, inode): a multiplicative hash, the same in both worlds.
     #[inline(always)]
@@ -630,5 +673,15 @@ mod tests {
         assert!(seen.len() >= 990, "1,000 consecutive inodes took {} bytes", seen.len());
         // The same inode number on another device is another byte.
         assert_ne!(FileFilter::index(0x0080_0001, 42), FileFilter::index(0x0080_0002, 42));
+    }
+
+    /// One inode listed by every slot (`/usr` in every policy) must not make the slots
+    /// share its record, or all but one would pay a lookup at it.
+    #[test]
+    fn every_slot_has_its_own_record_of_an_inode() {
+        let records: std::collections::BTreeSet<_> =
+            (1..crate::limits::MAX_POLICY_SLOTS).map(|slot| FileFilter::record_index(0x0080_0001, 1234, slot)).collect();
+        assert_eq!(records.len(), crate::limits::MAX_POLICY_SLOTS as usize - 1);
+        assert!(records.iter().all(|&r| r < FileFilter::RECORDS));
     }
 }

@@ -18,7 +18,7 @@ use aya_ebpf::{
     programs::LsmContext,
 };
 use enforcer_common::{
-    FileEntry, FileFilter, FileKey, KernelOffsets, PendingKey, RULE_FAIL_CLOSED, access, change, counter, hook,
+    FileEntry, FileFilter, FileKey, FileRecord, KernelOffsets, PendingKey, RULE_FAIL_CLOSED, access, change, counter, hook,
     limits, mode, verdict,
 };
 
@@ -142,6 +142,17 @@ fn governing(hook_id: u8) -> Result<Governed, i32> {
 fn listed(g: &Governed, dev: u32, ino: u64) -> Option<FileEntry> {
     if g.filter.listed[FileFilter::index(dev, ino)] == 0 {
         return None;
+    }
+    entry_of(g, dev, ino)
+}
+
+/// The entry of a marked inode: its record when it has one, else a lookup (another
+/// inode holds the record, or the filter byte was marked for another inode).
+#[inline(always)]
+fn entry_of(g: &Governed, dev: u32, ino: u64) -> Option<FileEntry> {
+    let record = &g.filter.records[FileFilter::record_index(dev, ino, g.slot)];
+    if record.dev_slot == FileRecord::dev_slot(dev, g.slot) && record.ino == ino {
+        return Some(record.entry);
     }
     unsafe { ENF_FILES.get(&FileKey { ino, dev, slot: g.slot }) }.copied()
 }
@@ -293,8 +304,8 @@ fn climb_and_look(o: &KernelOffsets, g: &Governed, dev: u32, left: u64, at: &mut
         CLIMB_ROOT => Ok(None),
         CLIMB_TOO_DEEP => Ok(Some(Walk::TooDeep)),
         marked_left => {
-            if let Some(entry) = unsafe { ENF_FILES.get(&FileKey { ino: at.ino, dev, slot: g.slot }) } {
-                return Ok(Some(Walk::Listed(*entry)));
+            if let Some(entry) = entry_of(g, dev, at.ino) {
+                return Ok(Some(Walk::Listed(entry)));
             }
             let parent = load_ptr(at.dentry, o.dentry_d_parent);
             if parent == at.dentry {
@@ -736,6 +747,13 @@ fn adopt_pending(o: &KernelOffsets, dentry: Ptr, inode: Ptr) {
         unsafe { (*filter).listed[FileFilter::index(dev, ino)] = 1 };
         if ENF_FILES.insert(&FileKey { ino, dev, slot }, &pending.entry, 0).is_err() {
             files_overflow(slot);
+        }
+        // An inode listed already (renamed or linked onto the pending path) may have
+        // a record: it must say what the table now says. One word, never half seen.
+        let record = unsafe { &mut (*filter).records[FileFilter::record_index(dev, ino, slot)] };
+        if record.dev_slot == FileRecord::dev_slot(dev, slot) && record.ino == ino {
+            let entry: u64 = unsafe { core::mem::transmute(pending.entry) };
+            unsafe { core::ptr::write_volatile((&mut record.entry as *mut FileEntry).cast::<u64>(), entry) };
         }
         return;
     }

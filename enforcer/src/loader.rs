@@ -24,7 +24,7 @@ use aya::{
     programs::{CgroupSock, CgroupSockAddr, Lsm, links::FdLink},
 };
 use enforcer_common::{
-    Binding, FileEntry, FileFilter, FileKey, KernelOffsets, LearnedClauses, Net4Key, Net6Key, PendingKey, PendingValue, PolicyConfig,
+    Binding, FileEntry, FileFilter, FileKey, FileRecord, KernelOffsets, LearnedClauses, Net4Key, Net6Key, PendingKey, PendingValue, PolicyConfig,
     PrefixClauses, SLOT_PREFIX_BITS, decision_index, hook, limits, names, verdict,
 };
 use serde::{Deserialize, Serialize};
@@ -493,24 +493,27 @@ fn open_pinned_data(name: &'static str) -> Result<MapData, LoaderError> {
 }
 
 /// `ENF_FILE_FILTER` mapped into this process. Bytes are set in place: writing the
-/// map's value whole would overwrite bytes the kernel set in the meantime.
+/// map's value whole would overwrite bytes the kernel set in the meantime. Records are
+/// written word by word in the order `FileRecord` asks for.
 struct FileFilterMap {
     bytes: *mut u8,
     _map: MapData,
 }
 
-// The mapping is plain shared memory; the pointer is only written through `mark`.
+// The mapping is plain shared memory; the pointer is only written through `&mut self`.
 unsafe impl Send for FileFilterMap {}
 
 impl FileFilterMap {
+    const SIZE: usize = size_of::<FileFilter>();
+
     fn open_pinned() -> Result<Self, LoaderError> {
         let map = open_pinned_data(names::MAP_FILE_FILTER)?;
-        // SAFETY: a fresh shared mapping of the map's one value, FileFilter::LEN bytes
-        // (a multiple of the page size), unmapped on drop.
+        // SAFETY: a fresh shared mapping of the map's one value, a multiple of the
+        // page size, unmapped on drop.
         let bytes = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                FileFilter::LEN,
+                Self::SIZE,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 map.fd().as_fd().as_raw_fd(),
@@ -526,14 +529,51 @@ impl FileFilterMap {
 
     /// Marks an inode before its entry is inserted.
     fn mark(&mut self, dev: u32, ino: u64) {
-        // SAFETY: index() < FileFilter::LEN, the length of the mapping.
+        // SAFETY: index() < FileFilter::LEN, inside the mapping.
         unsafe { self.bytes.add(FileFilter::index(dev, ino)).write_volatile(1) };
+    }
+
+    fn record(&mut self, index: usize) -> *mut FileRecord {
+        assert!(index < FileFilter::RECORDS);
+        // SAFETY: the records follow the bytes inside the mapping; `index` is in range.
+        unsafe { self.bytes.add(std::mem::offset_of!(FileFilter, records)).cast::<FileRecord>().add(index) }
+    }
+
+    /// Copies an entry of `slot` (bound to no cgroup yet) into its record, unless the
+    /// record holds another entry. The key word goes last: it makes the record live.
+    fn add_record(&mut self, slot: u32, dev: u32, ino: u64, entry: &FileEntry) -> bool {
+        let record = self.record(FileFilter::record_index(dev, ino, slot));
+        // SAFETY: `record` points into the mapping, aligned; each field is one word.
+        unsafe {
+            if (&raw const (*record).dev_slot).read_volatile() != 0 {
+                return false;
+            }
+            (&raw mut (*record).ino).write_volatile(ino);
+            (&raw mut (*record).entry).write_volatile(*entry);
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+            (&raw mut (*record).dev_slot).write_volatile(FileRecord::dev_slot(dev, slot));
+        }
+        true
+    }
+
+    /// Empties every record of `slot` (bound to no cgroup any more).
+    fn clear_records(&mut self, slot: u32) {
+        for index in 0..FileFilter::RECORDS {
+            let record = self.record(index);
+            // SAFETY: as in add_record.
+            unsafe {
+                let dev_slot = (&raw const (*record).dev_slot).read_volatile();
+                if dev_slot != 0 && (dev_slot >> 32) as u32 == slot {
+                    (&raw mut (*record).dev_slot).write_volatile(0);
+                }
+            }
+        }
     }
 }
 
 impl Drop for FileFilterMap {
     fn drop(&mut self) {
-        unsafe { libc::munmap(self.bytes.cast(), FileFilter::LEN) };
+        unsafe { libc::munmap(self.bytes.cast(), Self::SIZE) };
     }
 }
 
@@ -762,6 +802,7 @@ impl Tables {
                 self.files
                     .insert(FileKey { ino, dev, slot }, entry, 0)
                     .map_err(|source| LoaderError::TableFull { table: names::MAP_FILES, source })?;
+                filter.add_record(slot, dev, ino, entry);
             }
             for p in &files.pending {
                 let (key, value) = pending_entry(slot, p);
@@ -802,6 +843,7 @@ impl Tables {
         for key in keys6 {
             let _ = self.net6.remove(&key);
         }
+        FileFilterMap::open_pinned()?.clear_records(slot);
         let files: Vec<_> = self.files.keys().flatten().filter(|k| k.slot == slot).collect();
         for key in files {
             let _ = self.files.remove(&key);

@@ -394,3 +394,27 @@ fn a_path_crowded_with_falsely_marked_ancestors_still_finds_its_rule() {
     let r = try_in(&other_cg.path, &[("denied", format!("cat {}", file.display()))]);
     expect(&r, &[("denied", false)]);
 }
+
+/// A listed tree renamed onto a denied path that did not exist yet takes the denial:
+/// the kernel lists the renamed inode again, and the walk's copy of its old entry (the
+/// record beside the filter) must follow, or the tree would stay readable under the
+/// denied name.
+#[test]
+fn a_listed_tree_renamed_onto_a_denied_path_is_denied_there() {
+    let _tables = sharing_file_tables();
+    let s = Scratch::new("renamed");
+    fs::create_dir_all(s.0.join("home")).unwrap();
+    s.file("work/notes", "N");
+    let cg = TestCgroup::new("files-renamed");
+    let p = files_policy("enforce", "    default: allow\n    write: [ROOT/work]\n    deny: [ROOT/home/.aws]\n", &s.0);
+    let _c = attach_files(&cg, &p);
+    let r = try_in(&cg.path, &[("before", format!("cat {}", s.p("work/notes")))]);
+    expect(&r, &[("before", true)]);
+    // Renamed by a process outside the cgroup.
+    fs::rename(s.0.join("work"), s.0.join("home/.aws")).unwrap();
+    let r = try_in(
+        &cg.path,
+        &[("read", format!("cat {}", s.p("home/.aws/notes"))), ("write", format!("sh -c 'echo y >> {}'", s.p("home/.aws/notes")))],
+    );
+    expect(&r, &[("read", false), ("write", false)]);
+}
