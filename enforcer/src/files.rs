@@ -245,7 +245,9 @@ pub fn judge_path(tables: &FileTables, path: &Path, requested: u8) -> FileVerdic
                 prefixes[a + 1..].iter().take(pend.names.len()).map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
             if below == pend.names {
                 let j = a + pend.names.len();
-                hits[j] = hits[j].or(Some(pend.entry));
+                // The pending path's entry wins over the inode's own, as in the kernel,
+                // which lists an inode renamed or linked there again with it.
+                hits[j] = Some(pend.entry);
             }
         }
     }
