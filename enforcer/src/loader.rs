@@ -541,19 +541,18 @@ impl FileFilterMap {
 
     /// Copies an entry of `slot` (bound to no cgroup yet) into its record, unless the
     /// record holds another entry. The key word goes last: it makes the record live.
-    fn add_record(&mut self, slot: u32, dev: u32, ino: u64, entry: &FileEntry) -> bool {
+    fn add_record(&mut self, slot: u32, dev: u32, ino: u64, entry: &FileEntry) {
         let record = self.record(FileFilter::record_index(dev, ino, slot));
         // SAFETY: `record` points into the mapping, aligned; each field is one word.
         unsafe {
             if (&raw const (*record).dev_slot).read_volatile() != 0 {
-                return false;
+                return;
             }
             (&raw mut (*record).ino).write_volatile(ino);
             (&raw mut (*record).entry).write_volatile(*entry);
             std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
             (&raw mut (*record).dev_slot).write_volatile(FileRecord::dev_slot(dev, slot));
         }
-        true
     }
 
     /// Empties every record of `slot` (bound to no cgroup any more).
