@@ -10,25 +10,16 @@ fn main() -> anyhow::Result<()> {
         let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").context("OUT_DIR")?);
         std::fs::write(out.join("enforcer"), b"").context("write empty eBPF object")?;
     }
-    let metadata = cargo_metadata::MetadataCommand::new()
-        .no_deps()
-        .exec()
-        .context("cargo metadata")?;
+    let metadata = cargo_metadata::MetadataCommand::new().no_deps().exec().context("cargo metadata")?;
     let ebpf = metadata
         .packages
         .into_iter()
         .find(|p| p.name.as_str() == "enforcer-ebpf")
         .ok_or_else(|| anyhow!("enforcer-ebpf package not found in the workspace"))?;
-    let root_dir = ebpf
-        .manifest_path
-        .parent()
-        .ok_or_else(|| anyhow!("enforcer-ebpf manifest has no parent directory"))?;
+    let root_dir =
+        ebpf.manifest_path.parent().ok_or_else(|| anyhow!("enforcer-ebpf manifest has no parent directory"))?;
     aya_build::build_ebpf(
-        [aya_build::Package {
-            name: ebpf.name.as_str(),
-            root_dir: root_dir.as_str(),
-            ..Default::default()
-        }],
+        [aya_build::Package { name: ebpf.name.as_str(), root_dir: root_dir.as_str(), ..Default::default() }],
         aya_build::Toolchain::default(),
     )
 }

@@ -679,8 +679,9 @@ mod tests {
     /// share its record, or all but one would pay a lookup at it.
     #[test]
     fn every_slot_has_its_own_record_of_an_inode() {
-        let records: std::collections::BTreeSet<_> =
-            (1..crate::limits::MAX_POLICY_SLOTS).map(|slot| FileFilter::record_index(0x0080_0001, 1234, slot)).collect();
+        let records: std::collections::BTreeSet<_> = (1..crate::limits::MAX_POLICY_SLOTS)
+            .map(|slot| FileFilter::record_index(0x0080_0001, 1234, slot))
+            .collect();
         assert_eq!(records.len(), crate::limits::MAX_POLICY_SLOTS as usize - 1);
         assert!(records.iter().all(|&r| r < FileFilter::RECORDS));
     }

@@ -1,10 +1,9 @@
 //! Decision counters and events. A failed ring-buffer reservation is counted and never
 //! changes a verdict.
-use aya_ebpf::helpers::{
-    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-    bpf_probe_read_kernel_str_bytes,
-};
 use aya_ebpf::helpers::generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns};
+use aya_ebpf::helpers::{
+    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_probe_read_kernel_str_bytes,
+};
 use enforcer_common::{FileEvent, KernelOffsets, NetEvent, counter, decision_index, limits};
 
 use crate::{

@@ -11,21 +11,18 @@
 //! `/proc/self/fd` re-opens all land on the same inodes. Struct offsets come from the
 //! running kernel's BTF (`ENF_OFFSETS`), set by the loader.
 use aya_ebpf::{
-    Global,
-    helpers::bpf_probe_read_kernel_str_bytes,
-    helpers::generated::bpf_get_current_ancestor_cgroup_id,
-    macros::lsm,
-    programs::LsmContext,
+    Global, helpers::bpf_probe_read_kernel_str_bytes, helpers::generated::bpf_get_current_ancestor_cgroup_id,
+    macros::lsm, programs::LsmContext,
 };
 use enforcer_common::{
-    FileEntry, FileFilter, FileKey, FileRecord, KernelOffsets, PendingKey, RULE_FAIL_CLOSED, access, change, counter, hook,
-    limits, mode, verdict,
+    FileEntry, FileFilter, FileKey, FileRecord, KernelOffsets, PendingKey, RULE_FAIL_CLOSED, access, change, counter,
+    hook, limits, mode, verdict,
 };
 
 use crate::{
     emit::{self, FileDecision},
     kmem::{Ptr, load_ptr, load_u32, load_u64, read_ptr, read_u32, read_u64},
-    maps::{ENF_BINDINGS, ENF_FILES, ENF_FILE_FILTER, ENF_PENDING, ENF_PENDING_SCRATCH, ENF_POLICIES},
+    maps::{ENF_BINDINGS, ENF_FILE_FILTER, ENF_FILES, ENF_PENDING, ENF_PENDING_SCRATCH, ENF_POLICIES},
     policy::ENF_BINDING,
 };
 
@@ -369,7 +366,12 @@ fn climb(o: &KernelOffsets, filter: &FileFilter, dev: u32, mut left: u64, at: &m
 /// the mount's parent and mount point do not change below a filesystem root, so they
 /// are read again only where the walk crosses into the parent mount.
 #[inline(always)]
-fn nearest_listed_across_mounts<const DEPTH: u32>(o: &KernelOffsets, g: &Governed, mut dentry: Ptr, vfsmount: Ptr) -> Walk {
+fn nearest_listed_across_mounts<const DEPTH: u32>(
+    o: &KernelOffsets,
+    g: &Governed,
+    mut dentry: Ptr,
+    vfsmount: Ptr,
+) -> Walk {
     let mut mount = (vfsmount as usize).wrapping_sub(o.mount_mnt as usize) as Ptr;
     let mut parent_mount = read_ptr(mount, o.mount_mnt_parent);
     let mut mountpoint = read_ptr(mount, o.mount_mnt_mountpoint);
@@ -561,7 +563,13 @@ fn judge_path_write(path: Ptr, change_kind: u8) -> i32 {
         Err(ret) => return ret,
     };
     let o = offsets();
-    judge(&g, Target::typed(load_ptr(path, o.path_dentry), path.wrapping_add(o.path_mnt as usize)), access::WRITE, hook::FILE_CHANGE, change_kind)
+    judge(
+        &g,
+        Target::typed(load_ptr(path, o.path_dentry), path.wrapping_add(o.path_mnt as usize)),
+        access::WRITE,
+        hook::FILE_CHANGE,
+        change_kind,
+    )
 }
 
 /// Write access to an existing entry `dentry` inside the directory `dir` (same mount).
@@ -572,7 +580,13 @@ fn judge_entry_write(dir: Ptr, dentry: Ptr, change_kind: u8) -> i32 {
         Err(ret) => return ret,
     };
     let o = offsets();
-    judge(&g, Target::typed(dentry, dir.wrapping_add(o.path_mnt as usize)), access::WRITE, hook::FILE_CHANGE, change_kind)
+    judge(
+        &g,
+        Target::typed(dentry, dir.wrapping_add(o.path_mnt as usize)),
+        access::WRITE,
+        hook::FILE_CHANGE,
+        change_kind,
+    )
 }
 
 #[lsm(hook = "path_mknod")]
@@ -631,7 +645,14 @@ pub fn enf_path_link(ctx: LsmContext) -> i32 {
     let ret = match governing(hook::FILE_CHANGE) {
         Ok(g) => {
             let mnt = new_dir.wrapping_add(o.path_mnt as usize);
-            judge_both(&g, Target::typed(old_dentry, mnt), Some(Target::typed(new_dentry, mnt)), access::WRITE, hook::FILE_CHANGE, change::LINK)
+            judge_both(
+                &g,
+                Target::typed(old_dentry, mnt),
+                Some(Target::typed(new_dentry, mnt)),
+                access::WRITE,
+                hook::FILE_CHANGE,
+                change::LINK,
+            )
         }
         Err(ret) => ret,
     };
@@ -731,7 +752,11 @@ fn adopt_pending(o: &KernelOffsets, dentry: Ptr, inode: Ptr) {
         parent_dev: read_u32(read_ptr(parent_inode, o.inode_i_sb), o.super_block_s_dev),
         slot,
         // Zeroed as words: a byte-array literal becomes a `memset` call.
-        name: unsafe { core::mem::transmute::<[u64; limits::PENDING_NAME_LEN / 8], [u8; limits::PENDING_NAME_LEN]>([0u64; limits::PENDING_NAME_LEN / 8]) },
+        name: unsafe {
+            core::mem::transmute::<[u64; limits::PENDING_NAME_LEN / 8], [u8; limits::PENDING_NAME_LEN]>(
+                [0u64; limits::PENDING_NAME_LEN / 8],
+            )
+        },
     };
     let name_ptr = read_ptr(dentry, o.dentry_d_name_name);
     // Truncated to the key's length: a longer name is compared on its first bytes.
@@ -799,5 +824,9 @@ fn copy_name(to: &mut [u8; limits::PENDING_NAME_LEN], from: &[u8; limits::PENDIN
 
 #[inline(always)]
 fn key_zero() -> [u8; limits::PENDING_NAME_LEN] {
-    unsafe { core::mem::transmute::<[u64; limits::PENDING_NAME_LEN / 8], [u8; limits::PENDING_NAME_LEN]>([0u64; limits::PENDING_NAME_LEN / 8]) }
+    unsafe {
+        core::mem::transmute::<[u64; limits::PENDING_NAME_LEN / 8], [u8; limits::PENDING_NAME_LEN]>(
+            [0u64; limits::PENDING_NAME_LEN / 8],
+        )
+    }
 }

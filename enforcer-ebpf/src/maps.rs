@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use enforcer_common::{
-    Binding, DECISION_STRIDE, DnsOrigin, LearnedClauses, FileEntry, FileFilter, FileKey, Net4Key, Net6Key, PendingKey, PendingValue, PolicyConfig,
-    PrefixClauses, counter, dns, limits,
+    Binding, DECISION_STRIDE, DnsOrigin, FileEntry, FileFilter, FileKey, LearnedClauses, Net4Key, Net6Key, PendingKey,
+    PendingValue, PolicyConfig, PrefixClauses, counter, dns, limits,
 };
 
 /// `BPF_F_MMAPABLE` (include/uapi/linux/bpf.h).
@@ -23,18 +23,15 @@ pub static ENF_POLICIES: Array<PolicyConfig> = Array::pinned(limits::MAX_POLICY_
 
 /// (slot, IPv4 prefix) -> clauses of every rule covering the prefix.
 #[map(name = "ENF_NET4")]
-pub static ENF_NET4: LpmTrie<Net4Key, PrefixClauses> =
-    LpmTrie::pinned(limits::MAX_PREFIXES_PER_FAMILY, 0);
+pub static ENF_NET4: LpmTrie<Net4Key, PrefixClauses> = LpmTrie::pinned(limits::MAX_PREFIXES_PER_FAMILY, 0);
 
 /// (slot, IPv6 prefix) -> clauses of every rule covering the prefix.
 #[map(name = "ENF_NET6")]
-pub static ENF_NET6: LpmTrie<Net6Key, PrefixClauses> =
-    LpmTrie::pinned(limits::MAX_PREFIXES_PER_FAMILY, 0);
+pub static ENF_NET6: LpmTrie<Net6Key, PrefixClauses> = LpmTrie::pinned(limits::MAX_PREFIXES_PER_FAMILY, 0);
 
 /// Decisions per slot, hook and verdict (see `enforcer_common::decision_index`).
 #[map(name = "ENF_DECISIONS")]
-pub static ENF_DECISIONS: PerCpuArray<u64> =
-    PerCpuArray::pinned(limits::MAX_POLICY_SLOTS * DECISION_STRIDE, 0);
+pub static ENF_DECISIONS: PerCpuArray<u64> = PerCpuArray::pinned(limits::MAX_POLICY_SLOTS * DECISION_STRIDE, 0);
 
 /// Global counters (`enforcer_common::counter`).
 #[map(name = "ENF_COUNTERS")]

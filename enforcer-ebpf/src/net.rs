@@ -1,13 +1,13 @@
 //! Network hooks: `connect4/6` (TCP and UDP connect, TCP Fast Open), `sendmsg4/6`
 //! (unconnected UDP), and `sock_create` (raw, ICMP and other protocols).
+use aya_ebpf::{bindings::bpf_sock_addr, helpers::generated::bpf_get_socket_cookie};
 use aya_ebpf::{
     macros::{cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
 };
-use aya_ebpf::{bindings::bpf_sock_addr, helpers::generated::bpf_get_socket_cookie};
 use enforcer_common::{
-    DnsOrigin, Net4Key, Net6Key, PolicyConfig, RULE_FAIL_CLOSED, RULE_ISOLATED, SLOT_PREFIX_BITS, action,
-    counter, dns, family, hook, mode, proto, verdict,
+    DnsOrigin, Net4Key, Net6Key, PolicyConfig, RULE_FAIL_CLOSED, RULE_ISOLATED, SLOT_PREFIX_BITS, action, counter, dns,
+    family, hook, mode, proto, verdict,
 };
 
 use crate::{
@@ -91,10 +91,7 @@ pub fn enf_sock_create(ctx: SockContext) -> i32 {
         // connect/sendmsg rules, so only a default-allow policy lets them through.
         _ => config.network_default == action::ALLOW,
     };
-    let rule = RuleVerdict {
-        action: if allowed { action::ALLOW } else { action::DENY },
-        rule_id: 0,
-    };
+    let rule = RuleVerdict { action: if allowed { action::ALLOW } else { action::DENY }, rule_id: 0 };
     // Under isolation plain TCP/UDP sockets may still be made: their connects and sends
     // are denied with the destination on record. Anything else would bypass those hooks.
     finish(

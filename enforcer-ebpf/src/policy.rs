@@ -31,12 +31,9 @@ pub fn governing_policy() -> Governing {
         return Governing::Broken { slot: 0 };
     }
     match ENF_POLICIES.get(slot) {
-        Some(config) if config.in_use != 0 => Governing::Policy {
-            slot,
-            config: unsafe { &*(config as *const PolicyConfig) },
-            isolated,
-            dns_port,
-        },
+        Some(config) if config.in_use != 0 => {
+            Governing::Policy { slot, config: unsafe { &*(config as *const PolicyConfig) }, isolated, dns_port }
+        }
         _ => Governing::Broken { slot },
     }
 }
@@ -50,12 +47,7 @@ pub struct RuleVerdict {
 
 /// Deny clauses win; otherwise the first matching allow; otherwise the default.
 #[inline(always)]
-pub fn judge_clauses(
-    clauses: Option<&PrefixClauses>,
-    port: u16,
-    proto_bit: u8,
-    default_action: u8,
-) -> RuleVerdict {
+pub fn judge_clauses(clauses: Option<&PrefixClauses>, port: u16, proto_bit: u8, default_action: u8) -> RuleVerdict {
     let mut allow_rule: u32 = 0;
     if let Some(entry) = clauses {
         let count = entry.count as usize;
@@ -109,7 +101,11 @@ pub fn judge_learned(rule: RuleVerdict, learned: Option<&LearnedClauses>, port: 
         }
         let clause = &entry.clauses[i];
         i += 1;
-        if clause.expires_at > now && clause.protocols & proto_bit != 0 && clause.port_lo <= port && port <= clause.port_hi {
+        if clause.expires_at > now
+            && clause.protocols & proto_bit != 0
+            && clause.port_lo <= port
+            && port <= clause.port_hi
+        {
             return RuleVerdict { action: action::ALLOW, rule_id: clause.rule_id as u32 };
         }
     }

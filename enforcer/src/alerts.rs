@@ -45,7 +45,12 @@ impl Detector {
             if recent.len() >= burst.count as usize && quiet {
                 self.last_burst.insert(cgroup, now);
                 let message = format!("{} denials within {}s", recent.len(), burst.window_secs);
-                out.push(alert(event, "denial-burst", &message, json!({ "count": recent.len(), "window_secs": burst.window_secs })));
+                out.push(alert(
+                    event,
+                    "denial-burst",
+                    &message,
+                    json!({ "count": recent.len(), "window_secs": burst.window_secs }),
+                ));
             }
         }
         let is_connect = event.pointer("/event/action").and_then(Value::as_str) == Some("network-connect");

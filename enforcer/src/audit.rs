@@ -60,11 +60,11 @@ struct Link {
 
 /// Checks a line's own hash. Err says what is wrong with it.
 fn check_line(line: &str) -> Result<Link, String> {
-    let record: Value = serde_json::from_str(line).map_err(|e| format!("not a JSON record ({e}): inserted or damaged"))?;
-    let (Some(prev), Some(seq)) = (
-        record.pointer("/chain/prev").and_then(Value::as_str),
-        record.pointer("/chain/seq").and_then(Value::as_u64),
-    ) else {
+    let record: Value =
+        serde_json::from_str(line).map_err(|e| format!("not a JSON record ({e}): inserted or damaged"))?;
+    let (Some(prev), Some(seq)) =
+        (record.pointer("/chain/prev").and_then(Value::as_str), record.pointer("/chain/seq").and_then(Value::as_u64))
+    else {
         return Err("record has no chain fields: inserted".into());
     };
     let (hash, unhashed) = split_hash(line.as_bytes()).ok_or("record has no chain hash in front: inserted")?;
@@ -77,7 +77,11 @@ fn check_line(line: &str) -> Result<Link, String> {
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
     #[error("{path}")]
-    Io { path: PathBuf, #[source] source: io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error(
         "cannot continue the audit chain of {path}: its last line is not a chained record \
          ({reason}); move the file aside or verify it with `enforcer audit verify`"
@@ -136,7 +140,15 @@ impl ChainWriter {
         };
         let mut file = OpenOptions::new().create(true).append(true).open(path).map_err(io_err(path))?;
         let size = if regular { file.seek(SeekFrom::End(0)).map_err(io_err(path))? } else { 0 };
-        Ok(Self { path: path.into(), file: io::BufWriter::with_capacity(1 << 16, file), size, prev, seq, max_bytes, keep: keep.max(1) })
+        Ok(Self {
+            path: path.into(),
+            file: io::BufWriter::with_capacity(1 << 16, file),
+            size,
+            prev,
+            seq,
+            max_bytes,
+            keep: keep.max(1),
+        })
     }
 
     /// Appends one record (buffered: call `flush` when no more are waiting).
@@ -314,7 +326,10 @@ mod tests {
         write(&f, 3);
         write(&f, 2); // a restarted controller continues the chain
         assert_eq!(verify(std::slice::from_ref(&f)), Ok(Verified { records: 5, starts_mid_chain: false }));
-        let seqs: Vec<u64> = lines(&f).iter().map(|l| serde_json::from_str::<Value>(l).unwrap()["chain"]["seq"].as_u64().unwrap()).collect();
+        let seqs: Vec<u64> = lines(&f)
+            .iter()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["chain"]["seq"].as_u64().unwrap())
+            .collect();
         assert_eq!(seqs, vec![0, 1, 2, 3, 4]);
     }
 
@@ -349,7 +364,11 @@ mod tests {
         let (_, unhashed) = split_hash(original[1].as_bytes()).unwrap();
         let unhashed = String::from_utf8(unhashed).unwrap().replace("\"i\":1", "\"i\":99");
         let prev = serde_json::from_str::<Value>(&original[1]).unwrap()["chain"]["prev"].as_str().unwrap().to_string();
-        let forged = format!("{{\"chain\":{{\"hash\":\"{}\",{}", line_hash(&prev, unhashed.as_bytes()), &unhashed[UNHASHED_PREFIX.len()..]);
+        let forged = format!(
+            "{{\"chain\":{{\"hash\":\"{}\",{}",
+            line_hash(&prev, unhashed.as_bytes()),
+            &unhashed[UNHASHED_PREFIX.len()..]
+        );
         assert!(check_line(&forged).is_ok(), "the forged record is self-consistent");
         inserted.insert(2, forged);
         set_lines(&f, &inserted);

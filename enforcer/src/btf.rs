@@ -54,7 +54,9 @@ pub enum BtfError {
     UnknownMember { struct_name: String, path: String, member: String },
     #[error("struct {struct_name}: member {member:?} (looking up {path:?}) is a bitfield and has no byte offset")]
     Bitfield { struct_name: String, path: String, member: String },
-    #[error("struct {struct_name}: member {member:?} (looking up {path:?}) is a {kind}, not a struct or union, and has no members")]
+    #[error(
+        "struct {struct_name}: member {member:?} (looking up {path:?}) is a {kind}, not a struct or union, and has no members"
+    )]
     NotAStruct { struct_name: String, path: String, member: String, kind: &'static str },
     #[error("BTF has no function named {0:?}")]
     UnknownFunc(String),
@@ -153,8 +155,8 @@ fn extra_len(kind: u8, vlen: usize) -> Option<usize> {
         KIND_ARRAY => 12,
         KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => vlen * 12,
         KIND_ENUM | KIND_FUNC_PROTO => vlen * 8,
-        KIND_PTR | KIND_FWD | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_FUNC
-        | KIND_FLOAT | KIND_TYPE_TAG => 0,
+        KIND_PTR | KIND_FWD | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_FUNC | KIND_FLOAT
+        | KIND_TYPE_TAG => 0,
         _ => return None,
     })
 }
@@ -293,9 +295,7 @@ impl KernelBtf {
                 KIND_FUNC => Some(&mut funcs),
                 _ => continue,
             };
-            let name = self
-                .name(t.name_off)
-                .with_context(|| format!("name of type {id} ({})", kind_name(t.kind)))?;
+            let name = self.name(t.name_off).with_context(|| format!("name of type {id} ({})", kind_name(t.kind)))?;
             if name.is_empty() {
                 continue;
             }
@@ -409,9 +409,7 @@ impl KernelBtf {
     /// Errors (clear messages naming struct and member): unknown struct, unknown member, a member that is a bitfield
     /// (kind_flag set with bitfield_size != 0, or offset not a multiple of 8), descending into a non-struct.
     pub fn member_offset(&self, struct_name: &str, path: &str) -> anyhow::Result<u32> {
-        let mut id = self
-            .composite(struct_name)
-            .ok_or_else(|| BtfError::UnknownStruct(struct_name.to_owned()))?;
+        let mut id = self.composite(struct_name).ok_or_else(|| BtfError::UnknownStruct(struct_name.to_owned()))?;
         let mut bits = 0u32;
         let mut walked = String::new();
         for (i, part) in path.split('.').enumerate() {
@@ -475,8 +473,7 @@ impl KernelBtf {
                 KIND_ARRAY => {
                     let (elem, nelems) = (self.extra_u32(t, 0), self.extra_u32(t, 2));
                     let size = self.size_of(elem)?;
-                    size.checked_mul(nelems)
-                        .ok_or_else(|| malformed(format!("array type {id_r} size overflows")))
+                    size.checked_mul(nelems).ok_or_else(|| malformed(format!("array type {id_r} size overflows")))
                 }
                 KIND_VAR => {
                     id = t.size_or_type;
@@ -505,9 +502,7 @@ impl KernelBtf {
                 kind_name(proto.kind)
             )));
         }
-        (0..proto.vlen as usize)
-            .map(|i| Ok(self.name(self.extra_u32(proto, 2 * i))?.to_owned()))
-            .collect()
+        (0..proto.vlen as usize).map(|i| Ok(self.name(self.extra_u32(proto, 2 * i))?.to_owned())).collect()
     }
 }
 

@@ -2,8 +2,7 @@
 //! directory's inode number, as `bpf_get_current_cgroup_id` reports it), and the
 //! safety checks that keep us from confining the host or ourselves.
 use std::{
-    fs,
-    io,
+    fs, io,
     os::unix::fs::MetadataExt as _,
     path::{Component, Path, PathBuf},
 };
@@ -13,7 +12,11 @@ pub enum CgroupError {
     #[error("no cgroup v2 filesystem is mounted (looked in /proc/self/mountinfo)")]
     NoCgroup2,
     #[error("cgroup {path}")]
-    Io { path: PathBuf, #[source] source: io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cgroup {0} is outside the cgroup v2 mount {1}")]
     OutsideMount(PathBuf, PathBuf),
     #[error("refusing to confine {0}: it is the cgroup v2 root, which holds the whole host")]
@@ -70,9 +73,7 @@ pub fn display_path(mount: &Path, path: &Path) -> String {
 }
 
 pub fn cgroup_id(path: &Path) -> Result<u64, CgroupError> {
-    fs::metadata(path)
-        .map(|m| m.ino())
-        .map_err(|source| CgroupError::Io { path: path.to_path_buf(), source })
+    fs::metadata(path).map(|m| m.ino()).map_err(|source| CgroupError::Io { path: path.to_path_buf(), source })
 }
 
 pub fn create(path: &Path) -> Result<(), CgroupError> {
@@ -96,11 +97,7 @@ pub fn check_safe_to_confine(mount: &Path, path: &Path) -> Result<(), CgroupErro
 pub fn own_cgroup(mount: &Path) -> Result<PathBuf, CgroupError> {
     let text = fs::read_to_string("/proc/self/cgroup")
         .map_err(|source| CgroupError::Io { path: "/proc/self/cgroup".into(), source })?;
-    let rel = text
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .unwrap_or("/")
-        .trim_start_matches('/');
+    let rel = text.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("/").trim_start_matches('/');
     Ok(mount.join(rel))
 }
 

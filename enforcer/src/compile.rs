@@ -198,17 +198,25 @@ pub fn compile_policy(policy: &Policy) -> Result<CompiledPolicy, CompileError> {
             RuleInfo { name: n.rule.name.clone(), action: a, text: describe(a, n.rule) }
         }))
         .collect();
-    let net4 = compile_family::<4>(&numbered, |n| match n {
-        IpNet::V4 { addr, len } => Some((*addr, *len)),
-        IpNet::V6 { .. } => None,
-    }, &rules)?
+    let net4 = compile_family::<4>(
+        &numbered,
+        |n| match n {
+            IpNet::V4 { addr, len } => Some((*addr, *len)),
+            IpNet::V6 { .. } => None,
+        },
+        &rules,
+    )?
     .into_iter()
     .map(|(addr, len, clauses)| Prefix4 { addr, len, clauses })
     .collect();
-    let net6 = compile_family::<16>(&numbered, |n| match n {
-        IpNet::V6 { addr, len } => Some((*addr, *len)),
-        IpNet::V4 { .. } => None,
-    }, &rules)?
+    let net6 = compile_family::<16>(
+        &numbered,
+        |n| match n {
+            IpNet::V6 { addr, len } => Some((*addr, *len)),
+            IpNet::V4 { .. } => None,
+        },
+        &rules,
+    )?
     .into_iter()
     .map(|(addr, len, clauses)| Prefix6 { addr, len, clauses })
     .collect();
@@ -278,7 +286,8 @@ mod tests {
     use enforcer_common::proto::{TCP, UDP};
 
     fn compile(network: &str) -> CompiledPolicy {
-        let text = format!("apiVersion: enforcer/v1\nkind: AgentPolicy\nmetadata:\n  name: t\nspec:\n  network:\n{network}");
+        let text =
+            format!("apiVersion: enforcer/v1\nkind: AgentPolicy\nmetadata:\n  name: t\nspec:\n  network:\n{network}");
         compile_policy(&parse_policy_str(&text, "t.yaml").unwrap()).unwrap()
     }
 
@@ -311,7 +320,9 @@ mod tests {
 
     #[test]
     fn ipv6_mapped_and_unspecified_addresses() {
-        let c = compile("    allow:\n      - cidr: 127.0.0.1/32\n        ports: [80]\n      - ip: ::1\n        ports: [443]\n");
+        let c = compile(
+            "    allow:\n      - cidr: 127.0.0.1/32\n        ports: [80]\n      - ip: ::1\n        ports: [443]\n",
+        );
         assert_eq!(verdict(&c, "::ffff:127.0.0.1", 80, TCP).0, Action::Allow);
         assert_eq!(verdict(&c, "::ffff:127.0.0.1", 81, TCP).0, Action::Deny);
         assert_eq!(verdict(&c, "0.0.0.0", 80, TCP).0, Action::Allow, "0.0.0.0 is judged as 127.0.0.1");
@@ -360,7 +371,12 @@ mod tests {
     fn compiles_ten_thousand_rules() {
         let mut network = String::from("    allow:\n      - cidr: 10.0.0.0/8\n        ports: [443]\n");
         for i in 0..10_000u32 {
-            network.push_str(&format!("      - ip: 10.{}.{}.{}\n        ports: [80]\n", i >> 16, (i >> 8) & 0xff, i & 0xff));
+            network.push_str(&format!(
+                "      - ip: 10.{}.{}.{}\n        ports: [80]\n",
+                i >> 16,
+                (i >> 8) & 0xff,
+                i & 0xff
+            ));
         }
         let c = compile(&network);
         assert_eq!(c.net4.len(), 10_001);

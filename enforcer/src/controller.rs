@@ -18,12 +18,12 @@ use crate::{
     alerts::Detector,
     cgroup,
     compile::{CompiledPolicy, compile_policy},
+    events::{self, Enricher},
     files::{self, FileTables},
     grants::{self, Grant},
-    policy::Policy,
-    events::{self, Enricher},
-    sinks::{FanOut, Outgoing},
     loader::{self, ProgramSet, StateLock, Tables},
+    policy::Policy,
+    sinks::{FanOut, Outgoing},
 };
 use enforcer_common::{hook, verdict};
 
@@ -169,7 +169,9 @@ pub fn confine(mount: &Path, path: &Path, base: &Policy, opts: &FileOptions) -> 
                 }
                 Err(e) => {
                     crate::fanotify::Fanotify::probe().map_err(|why| {
-                        anyhow::anyhow!("the policy has file rules but neither backend works here: BPF-LSM: {e:#}; fanotify: {why}")
+                        anyhow::anyhow!(
+                            "the policy has file rules but neither backend works here: BPF-LSM: {e:#}; fanotify: {why}"
+                        )
                     })?;
                     let reason = format!("{e:#}");
                     if opts.backend == FileBackendChoice::Auto {
@@ -265,9 +267,9 @@ pub fn update_grants(
         Err(e) => return Err(e.into()),
     };
     let slot = tables.slot_of(id).ok_or_else(not_confined)?;
-    let base = loader::read_slot_info(slot)
-        .and_then(|info| info.spec)
-        .with_context(|| format!("the state of {shown}'s policy is missing under {}; attach it again", loader::STATE_DIR))?;
+    let base = loader::read_slot_info(slot).and_then(|info| info.spec).with_context(|| {
+        format!("the state of {shown}'s policy is missing under {}; attach it again", loader::STATE_DIR)
+    })?;
     let mut grants = grants::live(id);
     change(&mut grants)?;
     let info = loader::read_slot_info(slot).unwrap_or_default();
@@ -365,8 +367,8 @@ pub async fn stream_events(
 ) -> anyhow::Result<()> {
     // SAFETY: the RingBuf owns its fd and lives inside the AsyncFd, so the fd stays open
     // for as long as it is registered.
-    let mut ring = unsafe { AsyncFd::register(ring) }
-        .map_err(|e| anyhow::anyhow!("polling the events ring buffer: {e}"))?;
+    let mut ring =
+        unsafe { AsyncFd::register(ring) }.map_err(|e| anyhow::anyhow!("polling the events ring buffer: {e}"))?;
     let mut detector = Detector::new(Path::new(loader::STATE_DIR).join("seen"));
     tokio::pin!(stop);
     loop {
@@ -420,14 +422,12 @@ pub async fn reload_on_hangup(
 ) {
     let Ok(mut hup) = tokio::signal::unix::signal(SignalKind::hangup()) else { return };
     while hup.recv().await.is_some() {
-        let result = crate::policy::parse_policy_file(&file)
-            .map_err(anyhow::Error::from)
-            .and_then(|mut policy| {
-                if let Some(mode) = mode {
-                    policy.mode = mode;
-                }
-                reinstall(&mount, &path, &policy, &opts, &files, dns.as_deref())
-            });
+        let result = crate::policy::parse_policy_file(&file).map_err(anyhow::Error::from).and_then(|mut policy| {
+            if let Some(mode) = mode {
+                policy.mode = mode;
+            }
+            reinstall(&mount, &path, &policy, &opts, &files, dns.as_deref())
+        });
         match result {
             Ok(slot) => {
                 crate::POLICY_RELOADS.fetch_add(1, Ordering::Relaxed);
@@ -449,7 +449,14 @@ pub fn start_dns(
 ) -> anyhow::Result<Option<Arc<crate::learned::DnsService>>> {
     let Some(listeners) = confinement.dns.take() else { return Ok(None) };
     let port = listeners.port;
-    let service = crate::learned::start(listeners, confinement.binding, policy, publisher, confinement.display.clone(), confinement.id)?;
+    let service = crate::learned::start(
+        listeners,
+        confinement.binding,
+        policy,
+        publisher,
+        confinement.display.clone(),
+        confinement.id,
+    )?;
     info!(port, "DNS proxy serving the cgroup's DNS on 127.0.0.1 and ::1");
     Ok(Some(Arc::new(service)))
 }
@@ -462,9 +469,8 @@ pub async fn terminated() {
 
 pub async fn start_metrics(addr: Option<&str>) -> anyhow::Result<()> {
     if let Some(addr) = addr {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("listening for metrics on {addr}"))?;
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening for metrics on {addr}"))?;
         info!(addr = %listener.local_addr()?, "serving metrics at /metrics");
         tokio::spawn(crate::metrics::serve(listener));
     }
@@ -486,9 +492,8 @@ pub fn lookup_user(name: &str) -> anyhow::Result<RunAs> {
     if pw.is_null() {
         bail!("no such user: {name}");
     }
-    let (uid, gid, home) = unsafe {
-        ((*pw).pw_uid, (*pw).pw_gid, std::ffi::CStr::from_ptr((*pw).pw_dir).to_string_lossy().into_owned())
-    };
+    let (uid, gid, home) =
+        unsafe { ((*pw).pw_uid, (*pw).pw_gid, std::ffi::CStr::from_ptr((*pw).pw_dir).to_string_lossy().into_owned()) };
     let mut count: libc::c_int = 64;
     let mut groups = vec![0 as libc::gid_t; count as usize];
     if unsafe { libc::getgrouplist(c_name.as_ptr(), gid, groups.as_mut_ptr(), &mut count) } < 0 {
@@ -622,9 +627,9 @@ pub fn status_report() -> anyhow::Result<serde_json::Value> {
 /// Whether `pid` sits in the cgroup `shown` (as `display_path` names it) or below.
 fn pid_in_cgroup(pid: u32, shown: &str) -> bool {
     let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else { return false };
-    text.lines().filter_map(|l| l.strip_prefix("0::")).any(|rel| {
-        rel == shown || (rel.starts_with(shown) && rel.as_bytes().get(shown.len()) == Some(&b'/'))
-    })
+    text.lines()
+        .filter_map(|l| l.strip_prefix("0::"))
+        .any(|rel| rel == shown || (rel.starts_with(shown) && rel.as_bytes().get(shown.len()) == Some(&b'/')))
 }
 
 /// Starts the fanotify backend for a confinement whose file rules it enforces: opens
@@ -666,7 +671,8 @@ pub fn start_fanotify(
             verdict::DENY
         };
         if v != verdict::ALLOW || guard.log_allowed {
-            let proc_file = |name: &str| std::fs::read_to_string(format!("/proc/{}/{name}", req.pid)).unwrap_or_default();
+            let proc_file =
+                |name: &str| std::fs::read_to_string(format!("/proc/{}/{name}", req.pid)).unwrap_or_default();
             let uid = proc_file("status")
                 .lines()
                 .find_map(|l| l.strip_prefix("Uid:")?.split_whitespace().next()?.parse().ok())

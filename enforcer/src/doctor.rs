@@ -92,13 +92,11 @@ pub fn run() -> Value {
     checks.push(check("enforcer file programs", loads(&lsm)));
     // Tree changes (create, unlink, rename, ...) are judged by the path_* hooks, which
     // exist only with CONFIG_SECURITY_PATH.
-    let path_hooks = crate::btf::KernelBtf::from_running_kernel()
-        .map_err(|e| format!("{e:#}"))
-        .and_then(|btf| {
-            btf.has_func("bpf_lsm_path_mkdir")
-                .then(|| "present (CONFIG_SECURITY_PATH)".to_string())
-                .ok_or_else(|| "absent: tree changes would not be judged".to_string())
-        });
+    let path_hooks = crate::btf::KernelBtf::from_running_kernel().map_err(|e| format!("{e:#}")).and_then(|btf| {
+        btf.has_func("bpf_lsm_path_mkdir")
+            .then(|| "present (CONFIG_SECURITY_PATH)".to_string())
+            .ok_or_else(|| "absent: tree changes would not be judged".to_string())
+    });
     checks.push(check("LSM path hooks", path_hooks));
     checks.push(check("fanotify", fanotify.clone()));
 
@@ -129,7 +127,11 @@ pub fn render(report: &Value) -> String {
     let mut out = String::new();
     for c in report["checks"].as_array().into_iter().flatten() {
         let mark = if c["ok"] == true { "ok  " } else { "NO  " };
-        out.push_str(&format!("{mark} {:<28} {}\n", c["name"].as_str().unwrap_or(""), c["detail"].as_str().unwrap_or("")));
+        out.push_str(&format!(
+            "{mark} {:<28} {}\n",
+            c["name"].as_str().unwrap_or(""),
+            c["detail"].as_str().unwrap_or("")
+        ));
     }
     out.push_str(&format!(
         "\nattach would use: network: {}; files: {} ({})\n",

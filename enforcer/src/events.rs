@@ -38,7 +38,9 @@ impl KernelEvent {
 /// Decodes one ring-buffer record; `None` for a record of neither size.
 pub fn decode(bytes: &[u8]) -> Option<KernelEvent> {
     if bytes.len() == size_of::<FileEvent>() {
-        return Some(KernelEvent::File(Box::new(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<FileEvent>()) })));
+        return Some(KernelEvent::File(Box::new(unsafe {
+            std::ptr::read_unaligned(bytes.as_ptr().cast::<FileEvent>())
+        })));
     }
     (bytes.len() == size_of::<NetEvent>())
         .then(|| KernelEvent::Net(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<NetEvent>()) }))
@@ -147,9 +149,8 @@ fn user_name(uid: u32) -> Option<String> {
 
 impl Enricher {
     pub fn new(mount: &Path, attach_point: &Path) -> Self {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_default();
+        let host =
+            std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
         Self {
             mount: mount.into(),
             attach_point: attach_point.into(),
@@ -382,12 +383,7 @@ pub fn rfc3339_nanos(unix_ns: i128) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{nanos:09}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 /// Where event lines go. Files get the hash-chained audit format (`audit`).
@@ -453,14 +449,24 @@ mod tests {
     #[test]
     fn decodes_records_of_the_right_size_only() {
         let ev = NetEvent {
-            boot_ns: 1, cgroup_id: 2, tid: 3, pid: 4, uid: 5, slot: 6, rule_id: 7,
-            hook: hook::CONNECT4, verdict: verdict::DENY, family: family::INET, protocol: 6,
-            port: 443, sock_type: 1, addr: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0", _pad: 0,
+            boot_ns: 1,
+            cgroup_id: 2,
+            tid: 3,
+            pid: 4,
+            uid: 5,
+            slot: 6,
+            rule_id: 7,
+            hook: hook::CONNECT4,
+            verdict: verdict::DENY,
+            family: family::INET,
+            protocol: 6,
+            port: 443,
+            sock_type: 1,
+            addr: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+            _pad: 0,
         };
-        let bytes = unsafe {
-            std::slice::from_raw_parts((&ev as *const NetEvent).cast::<u8>(), size_of::<NetEvent>())
-        };
+        let bytes = unsafe { std::slice::from_raw_parts((&ev as *const NetEvent).cast::<u8>(), size_of::<NetEvent>()) };
         assert_eq!(decode(bytes), Some(KernelEvent::Net(ev)));
         assert_eq!(decode(&bytes[..10]), None);
         assert_eq!(destination_ip(&ev), "10.0.0.1");

@@ -156,10 +156,7 @@ impl Fanotify {
         let fd_dir = open_path(c"/proc/self/fd", libc::O_PATH | libc::O_DIRECTORY).context("/proc/self/fd")?;
         // Polled for POLLPRI: the mount table of our namespace changed.
         let mountinfo = open_path(c"/proc/self/mountinfo", libc::O_RDONLY).ok();
-        let stats = Arc::new(Stats {
-            running: AtomicBool::new(true),
-            ..Stats::default()
-        });
+        let stats = Arc::new(Stats { running: AtomicBool::new(true), ..Stats::default() });
         let marks = Arc::new(Mutex::new(MarkState::default()));
         install_panic_hook();
 
@@ -184,11 +181,7 @@ impl Fanotify {
             .name("fanotify".into())
             .spawn(move || listener.run())
             .context("spawning the fanotify listener")?;
-        let this = Self {
-            stop,
-            thread: Some(thread),
-            stats,
-        };
+        let this = Self { stop, thread: Some(thread), stats };
         let marked = mark_filesystems(fan_raw, &marks);
         if marked == 0 {
             bail!("fanotify: no filesystem could be marked");
@@ -222,11 +215,7 @@ impl Fanotify {
         let mark = |flags: libc::c_uint| {
             // SAFETY: valid fd and NUL-terminated path.
             let r = unsafe { libc::fanotify_mark(fd.as_raw_fd(), flags, PERM_BITS, libc::AT_FDCWD, c"/".as_ptr()) };
-            if r == 0 {
-                Ok(())
-            } else {
-                Err(io::Error::last_os_error())
-            }
+            if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
         };
         mark(libc::FAN_MARK_ADD).map_err(|e| {
             format!(
@@ -244,10 +233,7 @@ impl Fanotify {
 
     /// Permission events answered so far (allowed, denied), this process's own included.
     pub fn answered(&self) -> (u64, u64) {
-        (
-            self.stats.allowed.load(Ordering::Relaxed),
-            self.stats.denied.load(Ordering::Relaxed),
-        )
+        (self.stats.allowed.load(Ordering::Relaxed), self.stats.denied.load(Ordering::Relaxed))
     }
 
     /// Whether the listener still runs. It stops only on drop or when the kernel's event
@@ -278,12 +264,8 @@ impl Drop for Fanotify {
 fn init_group() -> io::Result<(OwnedFd, bool)> {
     let base = libc::FAN_CLASS_CONTENT | libc::FAN_CLOEXEC | libc::FAN_NONBLOCK;
     let event_flags = (libc::O_RDONLY | libc::O_LARGEFILE | libc::O_CLOEXEC) as libc::c_uint;
-    let attempts = [
-        libc::FAN_UNLIMITED_QUEUE | libc::FAN_REPORT_TID,
-        libc::FAN_UNLIMITED_QUEUE,
-        libc::FAN_REPORT_TID,
-        0,
-    ];
+    let attempts =
+        [libc::FAN_UNLIMITED_QUEUE | libc::FAN_REPORT_TID, libc::FAN_UNLIMITED_QUEUE, libc::FAN_REPORT_TID, 0];
     let mut first_error = None;
     for extra in attempts {
         // SAFETY: plain syscall; the result is checked.
@@ -319,16 +301,10 @@ fn open_path(path: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
 /// table fills mid-read the kernel *denies* that event, so a read never asks for more events
 /// than a quarter of the fd limit.
 fn read_len() -> usize {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: fills `lim`.
-    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
-        lim.rlim_cur as usize
-    } else {
-        1024
-    };
+    let soft =
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 { lim.rlim_cur as usize } else { 1024 };
     (soft / 4).clamp(16, BUF_LEN / META_LEN) * META_LEN
 }
 
@@ -393,9 +369,7 @@ fn unescape_octal(field: &[u8]) -> Vec<u8> {
     let mut i = 0;
     while i < field.len() {
         if field[i] == b'\\' && i + 3 < field.len() && field[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
-            let v = field[i + 1..i + 4]
-                .iter()
-                .fold(0u32, |v, b| v * 8 + u32::from(b - b'0'));
+            let v = field[i + 1..i + 4].iter().fold(0u32, |v, b| v * 8 + u32::from(b - b'0'));
             out.push(v as u8);
             i += 4;
         } else {
@@ -412,15 +386,7 @@ fn statx_dev(dirfd: RawFd, path: &CStr, flags: libc::c_int) -> Option<(u64, u64)
     // SAFETY: zeroed plain-data struct.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     // SAFETY: valid path and out pointer.
-    let r = unsafe {
-        libc::statx(
-            dirfd,
-            path.as_ptr(),
-            flags | libc::AT_STATX_DONT_SYNC,
-            libc::STATX_INO,
-            &mut stx,
-        )
-    };
+    let r = unsafe { libc::statx(dirfd, path.as_ptr(), flags | libc::AT_STATX_DONT_SYNC, libc::STATX_INO, &mut stx) };
     (r == 0).then(|| (libc::makedev(stx.stx_dev_major, stx.stx_dev_minor) as u64, stx.stx_ino))
 }
 
@@ -678,16 +644,8 @@ impl Listener {
         let mut buf = vec![0u64; BUF_LEN / 8];
         loop {
             let mut fds = [
-                libc::pollfd {
-                    fd: self.fan.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.stop,
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
+                libc::pollfd { fd: self.fan.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: self.stop, events: libc::POLLIN, revents: 0 },
                 libc::pollfd {
                     fd: self.mountinfo.as_ref().map_or(-1, |f| f.as_raw_fd()),
                     events: libc::POLLPRI,
@@ -759,10 +717,7 @@ impl Listener {
                 }
                 let len = meta.event_len as usize;
                 if len < META_LEN || off + len > n {
-                    tracing::error!(
-                        len,
-                        "fanotify: malformed event; listener stops, opens are no longer checked"
-                    );
+                    tracing::error!(len, "fanotify: malformed event; listener stops, opens are no longer checked");
                     return false;
                 }
                 self.handle(&meta);
@@ -790,18 +745,12 @@ impl Listener {
         // also sees the count.
         let counter = if allow { &self.stats.allowed } else { &self.stats.denied };
         counter.fetch_add(1, Ordering::Relaxed);
-        let response = libc::fanotify_response {
-            fd: meta.fd,
-            response: if allow { libc::FAN_ALLOW } else { libc::FAN_DENY },
-        };
+        let response =
+            libc::fanotify_response { fd: meta.fd, response: if allow { libc::FAN_ALLOW } else { libc::FAN_DENY } };
         loop {
             // SAFETY: writes one fanotify_response.
             let r = unsafe {
-                libc::write(
-                    self.fan.as_raw_fd(),
-                    (&raw const response).cast(),
-                    size_of::<libc::fanotify_response>(),
-                )
+                libc::write(self.fan.as_raw_fd(), (&raw const response).cast(), size_of::<libc::fanotify_response>())
             };
             if r >= 0 {
                 break;
@@ -854,12 +803,7 @@ impl Listener {
         let p = ProcPath::new(event_fd.as_raw_fd() as u64, b"\0");
         // SAFETY: valid dirfd, path and buffer.
         let n = unsafe {
-            libc::readlinkat(
-                self.fd_dir.as_raw_fd(),
-                p.as_cstr().as_ptr(),
-                link.as_mut_ptr().cast(),
-                link.len(),
-            )
+            libc::readlinkat(self.fd_dir.as_raw_fd(), p.as_cstr().as_ptr(), link.as_mut_ptr().cast(), link.len())
         };
         if n < 0 || n as usize >= link.len() {
             return Err("cannot read the opened file's path");
@@ -875,14 +819,7 @@ impl Listener {
                 None => (access::READ | access::WRITE, false),
             }
         };
-        Ok(FileRequest {
-            pid: meta.pid.max(0) as u32,
-            path,
-            dev,
-            ino,
-            access,
-            access_known,
-        })
+        Ok(FileRequest { pid: meta.pid.max(0) as u32, path, dev, ino, access, access_known })
     }
 
     /// The access asked by the open the thread `tid` is blocked in, from its syscall's flags.
@@ -943,13 +880,8 @@ impl Listener {
     fn open_proc(&self, tid: i32, suffix: &[u8]) -> Option<OwnedFd> {
         let p = ProcPath::new(tid as u64, suffix);
         // SAFETY: valid dirfd and path.
-        let fd = unsafe {
-            libc::openat(
-                self.proc_dir.as_raw_fd(),
-                p.as_cstr().as_ptr(),
-                libc::O_RDONLY | libc::O_CLOEXEC,
-            )
-        };
+        let fd =
+            unsafe { libc::openat(self.proc_dir.as_raw_fd(), p.as_cstr().as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
         // SAFETY: fresh fd we own.
         (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
     }
@@ -1022,10 +954,7 @@ mod tests {
 
     impl Tree {
         fn new(tag: &str) -> Self {
-            let nanos = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos();
+            let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos();
             let marker = format!("fanotify-deny-{}-{nanos}", std::process::id());
             let base = std::env::temp_dir().join(format!("enforcer-fanotify-{tag}-{}-{nanos}", std::process::id()));
             let dir = base.join(&marker);
@@ -1036,13 +965,7 @@ mod tests {
             std::fs::write(&secret, "secret\n").unwrap();
             let exe = dir.join("true");
             std::fs::copy("/bin/true", &exe).unwrap();
-            Self {
-                base,
-                marker,
-                plain,
-                secret,
-                exe,
-            }
+            Self { base, marker, plain, secret, exe }
         }
     }
 
@@ -1059,13 +982,7 @@ mod tests {
     fn marker_judge(marker: &str, seen: Seen) -> Judge {
         let marker = marker.to_owned();
         Box::new(move |req| {
-            if !req
-                .path
-                .as_os_str()
-                .as_bytes()
-                .windows(marker.len())
-                .any(|w| w == marker.as_bytes())
-            {
+            if !req.path.as_os_str().as_bytes().windows(marker.len()).any(|w| w == marker.as_bytes()) {
                 return true;
             }
             seen.lock().unwrap_or_else(|e| e.into_inner()).push(req.clone());
@@ -1074,12 +991,7 @@ mod tests {
     }
 
     fn seen_for(seen: &Seen, path: &Path) -> Vec<FileRequest> {
-        seen.lock()
-            .unwrap()
-            .iter()
-            .filter(|r| r.path == path)
-            .cloned()
-            .collect()
+        seen.lock().unwrap().iter().filter(|r| r.path == path).cloned().collect()
     }
 
     /// FAN_DENY fails the open with EPERM ("Operation not permitted"), not EACCES: only
@@ -1092,28 +1004,14 @@ mod tests {
     /// Runs this test binary's `child_helper` with `op`; returns its "CHILD " lines.
     fn child(op: &str) -> Vec<String> {
         let out = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "fanotify::tests::child_helper",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+            .args(["--exact", "fanotify::tests::child_helper", "--ignored", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, op)
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "child {op}: {stdout} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "child {op}: {stdout} {}", String::from_utf8_lossy(&out.stderr));
         // libtest prints "test <name> ... " on the same line before the first output.
-        stdout
-            .lines()
-            .filter_map(|l| l.split_once("CHILD "))
-            .map(|(_, v)| v.to_owned())
-            .collect()
+        stdout.lines().filter_map(|l| l.split_once("CHILD ")).map(|(_, v)| v.to_owned()).collect()
     }
 
     /// The child side of the tests above (does nothing unless run by `child`):
@@ -1146,11 +1044,7 @@ mod tests {
                     mode: u64,
                     resolve: u64,
                 }
-                let how = OpenHow {
-                    flags: flags.parse().unwrap(),
-                    mode: 0,
-                    resolve: 0,
-                };
+                let how = OpenHow { flags: flags.parse().unwrap(), mode: 0, resolve: 0 };
                 // SAFETY: openat2 with a valid path and open_how.
                 let fd = unsafe {
                     libc::syscall(
@@ -1211,10 +1105,7 @@ mod tests {
         let _watchdog = Watchdog::arm(Duration::from_secs(120));
         // Shows which filesystems were marked (with --nocapture). Writes to stdout only: a
         // subscriber that opened files from the listener thread would deadlock it.
-        let _ = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_test_writer()
-            .try_init();
+        let _ = tracing_subscriber::fmt().with_max_level(tracing::Level::DEBUG).with_test_writer().try_init();
         let tree = Tree::new("rwx");
         let seen: Seen = Arc::default();
         let fan = Fanotify::start(marker_judge(&tree.marker, seen.clone())).expect("start");
@@ -1253,10 +1144,7 @@ mod tests {
         let out = Command::new("ls").arg(&dir).output().unwrap();
         assert!(denied(&out), "listing of the marked directory: {out:?}");
         let reqs = seen_for(&seen, &dir);
-        assert!(
-            reqs.iter().any(|r| r.access == access::READ && r.access_known),
-            "{reqs:#?}"
-        );
+        assert!(reqs.iter().any(|r| r.access == access::READ && r.access_known), "{reqs:#?}");
 
         let err = Command::new(&tree.exe).output().expect_err("exec of the marked binary");
         assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
@@ -1274,17 +1162,10 @@ mod tests {
         assert!(reqs.contains(&want(cat_pid, access::READ)), "{reqs:#?}");
         assert!(reqs.contains(&want(sh_pid, access::WRITE)), "{reqs:#?}");
         let reqs = seen_for(&seen, &tree.exe);
-        assert!(
-            reqs.iter().any(|r| r.access == access::EXEC && r.access_known),
-            "{reqs:#?}"
-        );
+        assert!(reqs.iter().any(|r| r.access == access::EXEC && r.access_known), "{reqs:#?}");
         let (allowed, denied_n) = fan.answered();
         assert!(allowed > 0 && denied_n >= 3, "answered {allowed} {denied_n}");
-        assert_eq!(
-            std::fs::read(&tree.secret).unwrap(),
-            b"secret\n",
-            "our own opens are allowed"
-        );
+        assert_eq!(std::fs::read(&tree.secret).unwrap(), b"secret\n", "our own opens are allowed");
 
         drop(fan);
         let out = Command::new("cat").arg(&tree.secret).output().unwrap();
@@ -1306,14 +1187,8 @@ mod tests {
 
         let eperm = format!("errno={}", libc::EPERM);
         assert_eq!(child(&format!("openat2:{}:{secret}", libc::O_RDONLY)), [eperm.as_str()]);
-        assert_eq!(
-            child(&format!("openat2:{}:{secret}", libc::O_RDWR | libc::O_APPEND)),
-            [eperm.as_str()]
-        );
-        assert_eq!(
-            child(&format!("openat2:{}:{}", libc::O_RDWR, tree.plain.display())),
-            ["errno=0"]
-        );
+        assert_eq!(child(&format!("openat2:{}:{secret}", libc::O_RDWR | libc::O_APPEND)), [eperm.as_str()]);
+        assert_eq!(child(&format!("openat2:{}:{}", libc::O_RDWR, tree.plain.display())), ["errno=0"]);
         let lines = child(&format!("thread-open:{secret}"));
         let (tid, e) = lines[0].split_once(' ').unwrap();
         assert_eq!(e, eperm);
@@ -1324,11 +1199,7 @@ mod tests {
         let accesses: Vec<(u8, bool)> = reqs.iter().map(|r| (r.access, r.access_known)).collect();
         assert_eq!(
             accesses,
-            [
-                (access::READ, true),
-                (access::READ | access::WRITE, true),
-                (access::WRITE, true)
-            ],
+            [(access::READ, true), (access::READ | access::WRITE, true), (access::WRITE, true)],
             "{reqs:#?}"
         );
         // FAN_REPORT_TID: the second thread is named, not the process.
@@ -1344,10 +1215,7 @@ mod tests {
         let tree = Tree::new("panic");
         let marker = tree.marker.clone();
         let fan = Fanotify::start(Box::new(move |req| {
-            assert!(
-                !req.path.to_string_lossy().contains(&marker),
-                "judge panics on the marker"
-            );
+            assert!(!req.path.to_string_lossy().contains(&marker), "judge panics on the marker");
             true
         }))
         .expect("start");
@@ -1371,15 +1239,7 @@ mod tests {
         std::fs::create_dir(&mnt).unwrap();
         let target = CString::new(mnt.as_os_str().as_bytes()).unwrap();
         // SAFETY: mounts a fresh tmpfs on our own directory; unmounted below.
-        let r = unsafe {
-            libc::mount(
-                c"none".as_ptr(),
-                target.as_ptr(),
-                c"tmpfs".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
+        let r = unsafe { libc::mount(c"none".as_ptr(), target.as_ptr(), c"tmpfs".as_ptr(), 0, std::ptr::null()) };
         assert_eq!(r, 0, "mount: {}", io::Error::last_os_error());
         struct Unmount(CString);
         impl Drop for Unmount {
@@ -1402,11 +1262,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         };
         assert!(denied(&out), "{out:?}");
-        assert!(
-            seen_for(&seen, &secret)
-                .iter()
-                .any(|r| r.dev == tmpfs_dev && r.access == access::READ)
-        );
+        assert!(seen_for(&seen, &secret).iter().any(|r| r.dev == tmpfs_dev && r.access == access::READ));
         drop(fan);
     }
 
@@ -1423,13 +1279,7 @@ mod tests {
         let op = format!("loop:10000:{}", tree.plain.display());
         let measure = || {
             (0..5)
-                .map(|_| {
-                    child(&op)[0]
-                        .strip_prefix("ns_per_open=")
-                        .unwrap()
-                        .parse::<f64>()
-                        .unwrap()
-                })
+                .map(|_| child(&op)[0].strip_prefix("ns_per_open=").unwrap().parse::<f64>().unwrap())
                 .fold(f64::INFINITY, f64::min)
         };
         let without = measure();
@@ -1467,21 +1317,13 @@ mod tests {
         assert_eq!(
             parse_mountinfo(text),
             [
-                MountEntry {
-                    dev: libc::makedev(254, 0) as u64,
-                    mount_point: b"/".to_vec(),
-                    fstype: "ext4".into()
-                },
+                MountEntry { dev: libc::makedev(254, 0) as u64, mount_point: b"/".to_vec(), fstype: "ext4".into() },
                 MountEntry {
                     dev: libc::makedev(0, 25) as u64,
                     mount_point: b"/mnt/with space".to_vec(),
                     fstype: "tmpfs".into()
                 },
-                MountEntry {
-                    dev: libc::makedev(0, 26) as u64,
-                    mount_point: b"/srv".to_vec(),
-                    fstype: "btrfs".into()
-                },
+                MountEntry { dev: libc::makedev(0, 26) as u64, mount_point: b"/srv".to_vec(), fstype: "btrfs".into() },
             ]
         );
         assert_eq!(unescape_octal(b"a\\134b\\01"), b"a\\b\\01");
@@ -1493,24 +1335,12 @@ mod tests {
         assert_eq!(access_from_flags(libc::O_WRONLY as u64), access::WRITE);
         assert_eq!(access_from_flags(libc::O_RDWR as u64), access::READ | access::WRITE);
         assert_eq!(access_from_flags(3), access::READ | access::WRITE);
-        assert_eq!(
-            access_from_flags((libc::O_RDONLY | libc::O_TRUNC) as u64),
-            access::READ | access::WRITE
-        );
-        assert_eq!(
-            access_from_flags((libc::O_RDONLY | libc::O_CREAT) as u64),
-            access::READ | access::WRITE
-        );
-        assert_eq!(
-            access_from_flags((libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC) as u64),
-            access::WRITE
-        );
+        assert_eq!(access_from_flags((libc::O_RDONLY | libc::O_TRUNC) as u64), access::READ | access::WRITE);
+        assert_eq!(access_from_flags((libc::O_RDONLY | libc::O_CREAT) as u64), access::READ | access::WRITE);
+        assert_eq!(access_from_flags((libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC) as u64), access::WRITE);
 
         let line = "257 0xffffff9c 0x7ffd1 0x241 0x1b6 0x0 0x0 0x7ffd0 0x7f00\n";
-        assert_eq!(
-            parse_syscall(line),
-            Some((257, [0xffffff9c, 0x7ffd1, 0x241, 0x1b6, 0, 0]))
-        );
+        assert_eq!(parse_syscall(line), Some((257, [0xffffff9c, 0x7ffd1, 0x241, 0x1b6, 0, 0])));
         assert_eq!(parse_syscall("running\n"), None);
         assert_eq!(parse_syscall("-1 0x7ffd0 0x7f00\n"), None);
         assert_eq!(ProcPath::new(4242, b"/syscall\0").as_cstr(), c"4242/syscall");

@@ -106,9 +106,8 @@ pub fn compile(policy: &FilePolicy, home: &Path) -> Result<FileTables, String> {
         if by_path.contains_key(path) {
             continue;
         }
-        let covering = || {
-            policy.rules.iter().zip(&rules).enumerate().filter(|(_, (_, c))| is_ancestor_or_self(&c.resolved, path))
-        };
+        let covering =
+            || policy.rules.iter().zip(&rules).enumerate().filter(|(_, (_, c))| is_ancestor_or_self(&c.resolved, path));
         // The deciding deny is the nearest (longest) covering deny path.
         let deny = covering()
             .filter(|(_, (p, _))| p.list == FileList::Deny)
@@ -141,7 +140,11 @@ pub fn compile(policy: &FilePolicy, home: &Path) -> Result<FileTables, String> {
         }
     }
     if tables.inodes.len() > limits::MAX_FILE_ENTRIES as usize {
-        return Err(format!("{} file entries: at most {} fit the kernel table", tables.inodes.len(), limits::MAX_FILE_ENTRIES));
+        return Err(format!(
+            "{} file entries: at most {} fit the kernel table",
+            tables.inodes.len(),
+            limits::MAX_FILE_ENTRIES
+        ));
     }
     Ok(tables)
 }
@@ -182,7 +185,10 @@ fn add_hard_linked_files(dir: &Path, entry: FileEntry, inodes: &mut HashMap<(u32
         for e in list.flatten() {
             seen += 1;
             if seen > MAX_DENIED_TREE_WALK {
-                tracing::warn!("{}: more than {MAX_DENIED_TREE_WALK} entries; hard links beyond are not listed", dir.display());
+                tracing::warn!(
+                    "{}: more than {MAX_DENIED_TREE_WALK} entries; hard links beyond are not listed",
+                    dir.display()
+                );
                 return;
             }
             let Ok(meta) = e.metadata() else { continue };
@@ -230,19 +236,21 @@ pub fn judge_path(tables: &FileTables, path: &Path, requested: u8) -> FileVerdic
         }
         out
     };
-    let ids: Vec<Option<(u32, u64)>> = prefixes
-        .iter()
-        .map(|p| std::fs::metadata(p).ok().map(|m| (kernel_dev(m.dev()), m.ino())))
-        .collect();
+    let ids: Vec<Option<(u32, u64)>> =
+        prefixes.iter().map(|p| std::fs::metadata(p).ok().map(|m| (kernel_dev(m.dev()), m.ino()))).collect();
     // hits[j]: the entry naming prefix j, by inode or as a pending path.
-    let mut hits: Vec<Option<FileEntry>> = ids.iter().map(|id| id.and_then(|k| tables.inodes.get(&k).copied())).collect();
+    let mut hits: Vec<Option<FileEntry>> =
+        ids.iter().map(|id| id.and_then(|k| tables.inodes.get(&k).copied())).collect();
     for pend in &tables.pending {
         for (a, id) in ids.iter().enumerate() {
             if *id != Some((pend.parent_dev, pend.parent_ino)) {
                 continue;
             }
-            let below: Vec<String> =
-                prefixes[a + 1..].iter().take(pend.names.len()).map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+            let below: Vec<String> = prefixes[a + 1..]
+                .iter()
+                .take(pend.names.len())
+                .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+                .collect();
             if below == pend.names {
                 let j = a + pend.names.len();
                 // The pending path's entry wins over the inode's own, as in the kernel,
@@ -275,7 +283,8 @@ mod tests {
     }
 
     fn tables(root: &Path, files: &str) -> FileTables {
-        let text = format!("apiVersion: enforcer/v1\nkind: AgentPolicy\nmetadata:\n  name: t\nspec:\n  files:\n{files}");
+        let text =
+            format!("apiVersion: enforcer/v1\nkind: AgentPolicy\nmetadata:\n  name: t\nspec:\n  files:\n{files}");
         let text = text.replace("ROOT", root.to_str().unwrap());
         let policy = parse_policy_str(&text, "t.yaml").unwrap();
         compile(policy.files.as_ref().unwrap(), &root.join("home")).unwrap()
@@ -290,7 +299,15 @@ mod tests {
     fn lists_grant_by_nearest_ancestor_and_deny_wins() {
         let d = scratch("lists");
         let r = &d.0;
-        for f in ["usr/bin/ls", "usr/lib/x.so", "home/project/a/b/c.txt", "home/.ssh/id", "tmp/agent/out", "etc/shadow", "etc/hosts"] {
+        for f in [
+            "usr/bin/ls",
+            "usr/lib/x.so",
+            "home/project/a/b/c.txt",
+            "home/.ssh/id",
+            "tmp/agent/out",
+            "etc/shadow",
+            "etc/hosts",
+        ] {
             touch(&r.join(f));
         }
         let t = tables(

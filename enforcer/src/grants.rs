@@ -110,7 +110,10 @@ mod tests {
     #[test]
     fn parses_grant_targets_and_ttls() {
         assert_eq!(parse_allow("10.0.0.0/8").unwrap().1, vec![]);
-        assert_eq!(parse_allow("127.0.0.1:8080").unwrap(), (IpNet::V4 { addr: [127, 0, 0, 1], len: 32 }, vec![(8080, 8080)]));
+        assert_eq!(
+            parse_allow("127.0.0.1:8080").unwrap(),
+            (IpNet::V4 { addr: [127, 0, 0, 1], len: 32 }, vec![(8080, 8080)])
+        );
         assert_eq!(parse_allow("[::1]:443").unwrap().0.to_string(), "::1/128");
         assert!(parse_allow("~/.ssh:read").unwrap_err().contains("file grants are not supported yet"));
         assert!(parse_allow("10.0.0.1/8").unwrap_err().contains("did you mean 10.0.0.0/8"));

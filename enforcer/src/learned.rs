@@ -103,7 +103,12 @@ struct PolicyView {
 
 impl PolicyView {
     fn of(policy: &Policy) -> Self {
-        Self { name: policy.name.clone(), mode: policy.mode, log_allowed: policy.log_allowed, domains: policy.network.domains.clone() }
+        Self {
+            name: policy.name.clone(),
+            mode: policy.mode,
+            log_allowed: policy.log_allowed,
+            domains: policy.network.domains.clone(),
+        }
     }
 }
 
@@ -132,7 +137,12 @@ impl KernelOpener {
     /// Merges what `rule_id` opens for `addr` with the entry already there: clauses of
     /// other rules stay until their own expiry; this rule's clauses get the later of the
     /// two expiries (an agent may still hold the earlier answer).
-    fn merge(existing: Option<LearnedClauses>, fresh: &[Clause], rule_id: u16, now: u64) -> Result<LearnedClauses, String> {
+    fn merge(
+        existing: Option<LearnedClauses>,
+        fresh: &[Clause],
+        rule_id: u16,
+        now: u64,
+    ) -> Result<LearnedClauses, String> {
         let mut kept: Vec<Clause> = Vec::new();
         let mut earlier_expiry = 0;
         if let Some(e) = existing {
@@ -155,7 +165,11 @@ impl KernelOpener {
                 limits::MAX_LEARNED_CLAUSES
             ));
         }
-        let mut out = LearnedClauses { count: kept.len() as u32, _pad: 0, clauses: [Clause::default(); limits::MAX_LEARNED_CLAUSES] };
+        let mut out = LearnedClauses {
+            count: kept.len() as u32,
+            _pad: 0,
+            clauses: [Clause::default(); limits::MAX_LEARNED_CLAUSES],
+        };
         out.clauses[..kept.len()].copy_from_slice(&kept);
         Ok(out)
     }
@@ -165,7 +179,9 @@ impl KernelOpener {
         let now = boot_now_ns();
         self.written.lock().expect("written cache").clear();
         let mut tables = self.tables.lock().expect("learned tables");
-        tables.forget(self.binding, |v| v.clauses[..(v.count as usize).min(limits::MAX_LEARNED_CLAUSES)].iter().all(|c| c.expires_at <= now))
+        tables.forget(self.binding, |v| {
+            v.clauses[..(v.count as usize).min(limits::MAX_LEARNED_CLAUSES)].iter().all(|c| c.expires_at <= now)
+        })
     }
 
     /// A reload renumbers domain rules: carry each learned clause over to the same rule
@@ -176,14 +192,20 @@ impl KernelOpener {
             .enumerate()
             .filter_map(|(i, o)| {
                 new.iter()
-                    .position(|n| n.action == o.action && n.pattern == o.pattern && n.ports == o.ports && n.protocols == o.protocols)
+                    .position(|n| {
+                        n.action == o.action
+                            && n.pattern == o.pattern
+                            && n.ports == o.ports
+                            && n.protocols == o.protocols
+                    })
                     .map(|j| (domain_rule_id(i), domain_rule_id(j)))
             })
             .collect();
         self.written.lock().expect("written cache").clear();
         let mut tables = self.tables.lock().expect("learned tables");
         tables.rewrite(self.binding, |entry| {
-            let mut out = LearnedClauses { count: 0, _pad: 0, clauses: [Clause::default(); limits::MAX_LEARNED_CLAUSES] };
+            let mut out =
+                LearnedClauses { count: 0, _pad: 0, clauses: [Clause::default(); limits::MAX_LEARNED_CLAUSES] };
             for c in &entry.clauses[..(entry.count as usize).min(limits::MAX_LEARNED_CLAUSES)] {
                 if let Some(&id) = map.get(&c.rule_id) {
                     out.clauses[out.count as usize] = Clause { rule_id: id, ..*c };
@@ -215,7 +237,11 @@ impl Opener for KernelOpener {
             let existing = tables.get(self.binding, ip);
             let merged = Self::merge(existing, &fresh, rule_id, now)?;
             tables.set(self.binding, ip, &merged).map_err(|e| e.to_string())?;
-            let held = merged.clauses[..merged.count as usize].iter().filter(|c| c.rule_id == rule_id).map(|c| c.expires_at).min();
+            let held = merged.clauses[..merged.count as usize]
+                .iter()
+                .filter(|c| c.rule_id == rule_id)
+                .map(|c| c.expires_at)
+                .min();
             written.insert((ip, rule_id), held.unwrap_or(needed));
         }
         Ok(())
@@ -295,7 +321,12 @@ pub fn start(
     let policy_name = policy.name.clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     std::thread::Builder::new().name("dns-proxy".into()).spawn(move || {
-        let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("dns-proxy").enable_all().build() {
+        let runtime = match tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("dns-proxy")
+            .enable_all()
+            .build()
+        {
             Ok(r) => r,
             Err(e) => return tracing::error!("DNS proxy runtime: {e}"),
         };
@@ -364,18 +395,22 @@ mod tests {
 
     #[test]
     fn merging_keeps_other_rules_and_the_later_expiry() {
-        let mut existing = LearnedClauses { count: 3, _pad: 0, clauses: [Clause::default(); limits::MAX_LEARNED_CLAUSES] };
+        let mut existing =
+            LearnedClauses { count: 3, _pad: 0, clauses: [Clause::default(); limits::MAX_LEARNED_CLAUSES] };
         existing.clauses[0] = clause(1, 500); // this rule, later than the fresh answer
         existing.clauses[1] = clause(2, 300); // another rule, still open
         existing.clauses[2] = clause(3, 50); // expired
         let merged = KernelOpener::merge(Some(existing), &[clause(1, 200)], 1, 100).unwrap();
-        let got: Vec<(u16, u64)> = merged.clauses[..merged.count as usize].iter().map(|c| (c.rule_id, c.expires_at)).collect();
+        let got: Vec<(u16, u64)> =
+            merged.clauses[..merged.count as usize].iter().map(|c| (c.rule_id, c.expires_at)).collect();
         assert_eq!(got, vec![(2, 300), (1, 500)]);
     }
 
     #[test]
     fn merging_refuses_more_clauses_than_the_kernel_holds() {
-        let fresh: Vec<Clause> = (0..limits::MAX_LEARNED_CLAUSES as u16 + 1).map(|i| Clause { port_lo: i, port_hi: i, ..clause(1, 900) }).collect();
+        let fresh: Vec<Clause> = (0..limits::MAX_LEARNED_CLAUSES as u16 + 1)
+            .map(|i| Clause { port_lo: i, port_hi: i, ..clause(1, 900) })
+            .collect();
         assert!(KernelOpener::merge(None, &fresh, 1, 100).unwrap_err().contains("kernel holds"));
     }
 }

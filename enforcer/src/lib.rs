@@ -25,4 +25,3 @@ use std::sync::atomic::AtomicU64;
 /// Policy reloads (SIGHUP) that were applied, and that were refused.
 pub static POLICY_RELOADS: AtomicU64 = AtomicU64::new(0);
 pub static POLICY_RELOAD_FAILURES: AtomicU64 = AtomicU64::new(0);
-

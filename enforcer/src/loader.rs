@@ -24,8 +24,8 @@ use aya::{
     programs::{CgroupSock, CgroupSockAddr, Lsm, links::FdLink},
 };
 use enforcer_common::{
-    Binding, FileEntry, FileFilter, FileKey, FileRecord, KernelOffsets, LearnedClauses, Net4Key, Net6Key, PendingKey, PendingValue, PolicyConfig,
-    PrefixClauses, SLOT_PREFIX_BITS, decision_index, hook, limits, names, verdict,
+    Binding, FileEntry, FileFilter, FileKey, FileRecord, KernelOffsets, LearnedClauses, Net4Key, Net6Key, PendingKey,
+    PendingValue, PolicyConfig, PrefixClauses, SLOT_PREFIX_BITS, decision_index, hook, limits, names, verdict,
 };
 use serde::{Deserialize, Serialize};
 
@@ -48,21 +48,41 @@ pub enum LoaderError {
     #[error("loading the eBPF object")]
     Load(#[from] aya::EbpfError),
     #[error("loading program {name}")]
-    Program { name: &'static str, #[source] source: aya::programs::ProgramError },
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
     #[error("map {name}")]
-    Map { name: &'static str, #[source] source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
     #[error("{what} {path}")]
-    Io { what: &'static str, path: PathBuf, #[source] source: io::Error },
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("attaching {program} to {cgroup}")]
-    Attach { program: &'static str, cgroup: PathBuf, #[source] source: io::Error },
+    Attach {
+        program: &'static str,
+        cgroup: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("all {0} policy slots are in use; detach a cgroup first")]
     NoFreeSlot(u32),
     #[error("all {0} attach bindings are in use; detach a cgroup first")]
     NoFreeBinding(u32),
-    #[error(
-        "the policy tables are full while writing {table}; the previous policy stays in force"
-    )]
-    TableFull { table: &'static str, #[source] source: aya::maps::MapError },
+    #[error("the policy tables are full while writing {table}; the previous policy stays in force")]
+    TableFull {
+        table: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
     #[error("enforcer has no pinned state at {PIN_ROOT}: nothing is attached")]
     NotAttached,
     #[error(
@@ -112,11 +132,13 @@ pub fn ensure_bpffs() -> Result<(), LoaderError> {
     }
     fs::create_dir_all(target).map_err(io_err("creating", target))?;
     let fstype = CString::new("bpf").expect("static");
-    let rc = unsafe {
-        libc::mount(fstype.as_ptr(), c_target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
-    };
+    let rc = unsafe { libc::mount(fstype.as_ptr(), c_target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
-        return Err(LoaderError::Io { what: "mounting bpffs at", path: target.into(), source: io::Error::last_os_error() });
+        return Err(LoaderError::Io {
+            what: "mounting bpffs at",
+            path: target.into(),
+            source: io::Error::last_os_error(),
+        });
     }
     Ok(())
 }
@@ -203,10 +225,9 @@ impl ProgramSet {
             .override_global(names::GLOBAL_CGROUP_LEVEL, &hooks.cgroup_level, true)
             .load(EBPF_OBJECT)?;
         for (name, _) in HOOKS {
-            let program = ebpf.program_mut(name).ok_or(LoaderError::Program {
-                name,
-                source: aya::programs::ProgramError::UnexpectedProgramType,
-            })?;
+            let program = ebpf
+                .program_mut(name)
+                .ok_or(LoaderError::Program { name, source: aya::programs::ProgramError::UnexpectedProgramType })?;
             let result = if name == names::PROG_SOCK_CREATE {
                 <&mut CgroupSock>::try_from(program).and_then(|p| p.load())
             } else {
@@ -221,10 +242,9 @@ impl ProgramSet {
                 reason: format!("no kernel BTF: {e}"),
             })?;
             for &(name, hook_name) in names::LSM_PROGRAMS {
-                let program = ebpf.program_mut(name).ok_or(LoaderError::Program {
-                    name,
-                    source: aya::programs::ProgramError::UnexpectedProgramType,
-                })?;
+                let program = ebpf
+                    .program_mut(name)
+                    .ok_or(LoaderError::Program { name, source: aya::programs::ProgramError::UnexpectedProgramType })?;
                 <&mut Lsm>::try_from(program).and_then(|p| p.load(hook_name, &btf)).map_err(|e| {
                     LoaderError::LsmUnavailable { program: name, hook: hook_name, reason: error_chain(&e) }
                 })?;
@@ -275,11 +295,8 @@ impl ProgramSet {
         let cgroup_file = File::open(cgroup).map_err(io_err("opening cgroup", cgroup))?;
         let dir = links_dir(cgroup_id);
         fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
-        let old: Vec<PathBuf> = fs::read_dir(&dir)
-            .map_err(io_err("reading", &dir))?
-            .flatten()
-            .map(|e| e.path())
-            .collect();
+        let old: Vec<PathBuf> =
+            fs::read_dir(&dir).map_err(io_err("reading", &dir))?.flatten().map(|e| e.path()).collect();
         let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         for (name, attach_type) in HOOKS {
             let program = self.ebpf.program(name).expect("loaded in ProgramSet::load");
@@ -474,7 +491,10 @@ fn pinned_layouts() -> &'static [(String, String)] {
             .iter()
             .filter(|(_, def)| def.pinning() == aya_obj::maps::PinningType::ByName)
             .map(|(name, def)| {
-                (name.clone(), layout(def.map_type(), def.key_size(), def.value_size(), def.max_entries(), def.map_flags()))
+                (
+                    name.clone(),
+                    layout(def.map_type(), def.key_size(), def.value_size(), def.max_entries(), def.map_flags()),
+                )
             })
             .collect()
     })
@@ -633,7 +653,9 @@ impl LearnedTables {
     fn entries(&self, binding: u32) -> Vec<(std::net::IpAddr, LearnedClauses)> {
         let v4 = self.learn4.iter().filter_map(Result::ok).filter(|(k, _)| k.slot == binding);
         let v6 = self.learn6.iter().filter_map(Result::ok).filter(|(k, _)| k.slot == binding);
-        v4.map(|(k, v)| (std::net::IpAddr::from(k.addr), v)).chain(v6.map(|(k, v)| (std::net::IpAddr::from(k.addr), v))).collect()
+        v4.map(|(k, v)| (std::net::IpAddr::from(k.addr), v))
+            .chain(v6.map(|(k, v)| (std::net::IpAddr::from(k.addr), v)))
+            .collect()
     }
 
     /// Replaces each of the binding's entries with `f(entry)` (an empty result removes
@@ -753,7 +775,11 @@ impl Tables {
             mode: if compiled.config.mode == enforcer_common::mode::AUDIT { "audit" } else { "enforce" }.into(),
             cgroup: cgroup_display.into(),
             rules: compiled.rules.iter().map(|r| r.name.clone()).collect(),
-            file_rules: compiled.files.as_ref().map(|f| f.rules.iter().map(|r| r.name.clone()).collect()).unwrap_or_default(),
+            file_rules: compiled
+                .files
+                .as_ref()
+                .map(|f| f.rules.iter().map(|r| r.name.clone()).collect())
+                .unwrap_or_default(),
             home: compiled.home.clone(),
             spec: Some(base.clone()),
         };
@@ -818,7 +844,11 @@ impl Tables {
     }
 
     fn reset_decisions(&mut self, slot: u32) -> Result<(), LoaderError> {
-        let cpus = aya::util::nr_cpus().map_err(|(what, source)| LoaderError::Io { what: "counting CPUs", path: what.into(), source })?;
+        let cpus = aya::util::nr_cpus().map_err(|(what, source)| LoaderError::Io {
+            what: "counting CPUs",
+            path: what.into(),
+            source,
+        })?;
         for index in decision_index(slot, 0, 0)..decision_index(slot + 1, 0, 0) {
             let zeros = PerCpuValues::try_from(vec![0u64; cpus]).expect("non-empty");
             self.decisions
@@ -943,7 +973,13 @@ pub fn probe_program_type(kind: ProbeKind) -> Result<(), String> {
 /// The two bpf(2) commands aya 0.14 does not offer for cgroup links: creating a link
 /// we can pin, and pinning it; and a minimal program load for `probe_program_type`.
 mod raw_bpf {
-    use std::{ffi::CString, io, os::fd::{FromRawFd as _, OwnedFd, RawFd}, os::unix::ffi::OsStrExt as _, path::Path};
+    use std::{
+        ffi::CString,
+        io,
+        os::fd::{FromRawFd as _, OwnedFd, RawFd},
+        os::unix::ffi::OsStrExt as _,
+        path::Path,
+    };
 
     const BPF_OBJ_PIN: libc::c_long = 6;
     const BPF_LINK_CREATE: libc::c_long = 28;
@@ -988,8 +1024,8 @@ mod raw_bpf {
     }
 
     pub fn obj_pin(fd: RawFd, path: &Path) -> io::Result<()> {
-        let c_path = CString::new(path.as_os_str().as_bytes())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let c_path =
+            CString::new(path.as_os_str().as_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let mut attr = [0u8; ATTR_SIZE];
         // struct { __aligned_u64 pathname; __u32 bpf_fd; __u32 file_flags; ... }
         attr[0..8].copy_from_slice(&(c_path.as_ptr() as u64).to_ne_bytes());
@@ -997,4 +1033,3 @@ mod raw_bpf {
         bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
     }
 }
-

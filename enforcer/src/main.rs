@@ -4,8 +4,9 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use enforcer::{
-    audit, cgroup, compile, controller, grants,
+    audit, cgroup, compile, controller,
     events::{Enricher, Rotation, Sink},
+    grants,
     policy::{self, Mode},
     probe, sinks,
 };
@@ -190,7 +191,10 @@ enum PolicyCommand {
 
 /// Parses and compiles a policy file (so every error shows before anything is
 /// touched); returns the policy with `mode` applied, and its compiled form.
-fn load_policy(path: &std::path::Path, mode: Option<Mode>) -> anyhow::Result<(policy::Policy, compile::CompiledPolicy)> {
+fn load_policy(
+    path: &std::path::Path,
+    mode: Option<Mode>,
+) -> anyhow::Result<(policy::Policy, compile::CompiledPolicy)> {
     let mut policy = policy::parse_policy_file(path)?;
     if let Some(mode) = mode {
         policy.mode = mode;
@@ -241,7 +245,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let (policy, _) = load_policy(&policy_file, mode)?;
             let mount = cgroup::cgroup2_mount()?;
             let path = cgroup::resolve(&mount, &name)?;
-            let sink = Sink::open(&events, rotation.rotation()).with_context(|| format!("opening events sink {events}"))?;
+            let sink =
+                Sink::open(&events, rotation.rotation()).with_context(|| format!("opening events sink {events}"))?;
             let fan_out = fan_out(&events, sink, &syslog)?;
             // Only `~` in file rules needs the agent's user; the caller's home otherwise.
             let agent = match agent_user.or_else(|| std::env::var("SUDO_USER").ok()) {
@@ -255,7 +260,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let fanotify = controller::start_fanotify(&confinement, &mount, &path, fan_out.publisher())?;
             let dns = controller::start_dns(&mut confinement, &policy, fan_out.publisher())?;
             confinement.announce();
-            let file_enforcement = std::sync::Arc::new(std::mem::replace(&mut confinement.files, controller::FileEnforcement::None));
+            let file_enforcement =
+                std::sync::Arc::new(std::mem::replace(&mut confinement.files, controller::FileEnforcement::None));
             runtime()?.block_on(async {
                 controller::start_metrics(metrics_addr.as_deref()).await?;
                 let dns_for_stop = dns.clone();
@@ -329,7 +335,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         }
                     };
                     controller::stream_events(ring, enricher, fan_out, stop).await?;
-                    let status = status.context("lost the command's exit status")?.context("waiting for the command")?;
+                    let status =
+                        status.context("lost the command's exit status")?.context("waiting for the command")?;
                     Ok(controller::exit_code(status))
                 })
             })();

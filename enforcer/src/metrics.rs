@@ -35,11 +35,8 @@ pub static DNS_DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("valid metric")
 });
 static DNS_LEARNED: LazyLock<IntGaugeVec> = LazyLock::new(|| {
-    IntGaugeVec::new(
-        Opts::new("enforcer_dns_learned_ips", "Addresses DNS answers currently hold open"),
-        &["policy"],
-    )
-    .expect("valid metric")
+    IntGaugeVec::new(Opts::new("enforcer_dns_learned_ips", "Addresses DNS answers currently hold open"), &["policy"])
+        .expect("valid metric")
 });
 
 /// How many addresses DNS answers hold open for `policy` now.
@@ -60,11 +57,9 @@ pub fn render() -> String {
         &["where"],
     )
     .expect("valid metric");
-    let fail_closed = IntCounter::new(
-        "enforcer_fail_closed_total",
-        "Operations denied because a cgroup's policy slot was empty",
-    )
-    .expect("valid metric");
+    let fail_closed =
+        IntCounter::new("enforcer_fail_closed_total", "Operations denied because a cgroup's policy slot was empty")
+            .expect("valid metric");
     let info = IntGaugeVec::new(
         Opts::new("enforcer_policy_info", "Attached policies (value 1)"),
         &["policy", "mode", "cgroup"],

@@ -19,7 +19,11 @@ pub enum PolicyError {
     #[error("{file}:{line}:{column}: {message}")]
     Invalid { file: String, line: usize, column: usize, message: String },
     #[error("{file}: {source}")]
-    Io { file: String, #[source] source: std::io::Error },
+    Io {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl PolicyError {
@@ -110,9 +114,7 @@ impl IpNet {
             Some((a, l)) => (a, Some(l)),
             None => (text, None),
         };
-        let addr: IpAddr = addr_text
-            .parse()
-            .map_err(|_| format!("invalid IP address {addr_text:?} in {text:?}"))?;
+        let addr: IpAddr = addr_text.parse().map_err(|_| format!("invalid IP address {addr_text:?} in {text:?}"))?;
         let max: u8 = if addr.is_ipv4() { 32 } else { 128 };
         let len = match len_text {
             None => max,
@@ -201,11 +203,7 @@ impl<'de> Deserialize<'de> for Name {
 struct PortRange(u16, u16);
 
 fn port_number(n: i64, whole: &str) -> Result<u16, String> {
-    if (1..=65535).contains(&n) {
-        Ok(n as u16)
-    } else {
-        Err(format!("port {n} in {whole} is out of range 1-65535"))
-    }
+    if (1..=65535).contains(&n) { Ok(n as u16) } else { Err(format!("port {n} in {whole} is out of range 1-65535")) }
 }
 
 impl<'de> Deserialize<'de> for PortRange {
@@ -917,13 +915,20 @@ pub fn parse_policy_str(text: &str, origin: &str) -> Result<Policy, PolicyError>
             None => None,
             Some(f) => {
                 let mut rules = Vec::new();
-                for (list, paths) in
-                    [(FileList::Read, f.read), (FileList::Write, f.write), (FileList::Exec, f.exec), (FileList::Deny, f.deny)]
-                {
+                for (list, paths) in [
+                    (FileList::Read, f.read),
+                    (FileList::Write, f.write),
+                    (FileList::Exec, f.exec),
+                    (FileList::Deny, f.deny),
+                ] {
                     rules.extend(paths.into_iter().map(|p| FileRule { list, path: p.0, expires_at: 0 }));
                 }
                 if rules.len() > MAX_FILE_RULES {
-                    return Err(invalid(1, 1, format!("{} file rules: at most {MAX_FILE_RULES} are supported", rules.len())));
+                    return Err(invalid(
+                        1,
+                        1,
+                        format!("{} file rules: at most {MAX_FILE_RULES} are supported", rules.len()),
+                    ));
                 }
                 Some(FilePolicy { default: f.default, rules })
             }
@@ -993,12 +998,20 @@ mod tests {
 
     #[test]
     fn alerts_have_defaults_and_thresholds() {
-        let p = parse_policy_str(&format!("{HEAD}  alerts:\n    denial_burst: {{count: 5, window: 2m}}\n    new_destination: true\n"), "t.yaml").unwrap();
-        assert_eq!(p.alerts, Alerts { denial_burst: Some(Burst { count: 5, window_secs: 120 }), new_destination: true });
+        let p = parse_policy_str(
+            &format!("{HEAD}  alerts:\n    denial_burst: {{count: 5, window: 2m}}\n    new_destination: true\n"),
+            "t.yaml",
+        )
+        .unwrap();
+        assert_eq!(
+            p.alerts,
+            Alerts { denial_burst: Some(Burst { count: 5, window_secs: 120 }), new_destination: true }
+        );
         let off = parse_policy_str(&format!("{HEAD}  alerts:\n    denial_burst: false\n"), "t.yaml").unwrap();
         assert_eq!(off.alerts.denial_burst, None);
         assert_eq!(parse_policy_str(HEAD, "t.yaml").unwrap().alerts, Alerts::default());
-        let bad = parse_policy_str(&format!("{HEAD}  alerts:\n    denial_burst: {{count: 5, window: 2d}}\n"), "t.yaml").unwrap_err();
+        let bad = parse_policy_str(&format!("{HEAD}  alerts:\n    denial_burst: {{count: 5, window: 2d}}\n"), "t.yaml")
+            .unwrap_err();
         assert!(bad.to_string().contains("t.yaml:7:") && bad.to_string().contains("use s, m or h"), "{bad}");
     }
 
@@ -1028,19 +1041,44 @@ mod tests {
             (format!("{HEAD}  mode: strict\n"), 6, 9, "unknown variant `strict`"),
             (with_network("    default: maybe\n"), 7, 14, "unknown variant `maybe`"),
             (with_network("    allow:\n      - cidr: 10.0.0/8\n"), 8, 15, "invalid IP address \"10.0.0\""),
-            (with_network("    allow:\n      - cidr: 10.0.0.0/33\n"), 8, 15, "prefix length 33 in \"10.0.0.0/33\" exceeds 32"),
+            (
+                with_network("    allow:\n      - cidr: 10.0.0.0/33\n"),
+                8,
+                15,
+                "prefix length 33 in \"10.0.0.0/33\" exceeds 32",
+            ),
             (with_network("    allow:\n      - cidr: 10.0.0.1/8\n"), 8, 15, "did you mean 10.0.0.0/8?"),
             (with_network("    allow:\n      - cidr: 10.0.0.0/8\n        ip: 10.0.0.1\n"), 8, 7, "not several"),
             (with_network("    allow:\n      - ports: [80]\n"), 8, 7, "needs cidr:, ip: or domain:"),
-            (with_network("    allow:\n      - ip: 127.0.0.1\n        ports: [0]\n"), 9, 17, "port 0 in 0 is out of range"),
+            (
+                with_network("    allow:\n      - ip: 127.0.0.1\n        ports: [0]\n"),
+                9,
+                17,
+                "port 0 in 0 is out of range",
+            ),
             (with_network("    allow:\n      - ip: 127.0.0.1\n        ports: [70000]\n"), 9, 17, "port 70000"),
-            (with_network("    allow:\n      - ip: 127.0.0.1\n        ports: [\"90-80\"]\n"), 9, 18, "reversed: 90 > 80"),
+            (
+                with_network("    allow:\n      - ip: 127.0.0.1\n        ports: [\"90-80\"]\n"),
+                9,
+                18,
+                "reversed: 90 > 80",
+            ),
             (with_network("    allow:\n      - ip: 127.0.0.1\n        ports: []\n"), 8, 7, "ports: is empty"),
-            (with_network("    allow:\n      - ip: 127.0.0.1\n        protocols: [icmp]\n"), 9, 21, "unknown variant `icmp`"),
+            (
+                with_network("    allow:\n      - ip: 127.0.0.1\n        protocols: [icmp]\n"),
+                9,
+                21,
+                "unknown variant `icmp`",
+            ),
             (with_network("    allow:\n      - ip: 127.0.0.1\n        protocols: []\n"), 8, 7, "protocols: is empty"),
             (with_network("    allow:\n      - domain: api.example.com\n        ip: 127.0.0.1\n"), 8, 7, "not several"),
             (with_network("    allow:\n      - domain: \"*.\"\n"), 8, 18, "names nothing"),
-            (with_network("    allow:\n      - domain: \"a.*.example.com\"\n"), 8, 18, "only allowed as the whole first label"),
+            (
+                with_network("    allow:\n      - domain: \"a.*.example.com\"\n"),
+                8,
+                18,
+                "only allowed as the whole first label",
+            ),
             (with_network("    allow:\n      - domain: \"bücher.example\"\n"), 8, 18, "punycode"),
             (with_network("    allow:\n      - domain: \"a..example.com\"\n"), 8, 18, "every label must be 1 to 63"),
             (with_network("    allow:\n      - domain: \"a b.com\"\n"), 8, 18, "letters, digits"),
@@ -1063,7 +1101,9 @@ mod tests {
         let mut wrong = Vec::new();
         for (text, line, column, fragment) in cases {
             if let Err(e) = std::panic::catch_unwind(|| assert_error(text, *line, *column, fragment)) {
-                wrong.push(e.downcast_ref::<String>().cloned().unwrap_or_default().lines().next().unwrap_or("").to_string());
+                wrong.push(
+                    e.downcast_ref::<String>().cloned().unwrap_or_default().lines().next().unwrap_or("").to_string(),
+                );
             }
         }
         assert!(wrong.is_empty(), "{} cases wrong:\n{}", wrong.len(), wrong.join("\n"));
@@ -1077,7 +1117,10 @@ mod tests {
         let p = parse_policy_str(&text, "t.yaml").unwrap();
         let d = &p.network.domains;
         assert_eq!(d.len(), 3);
-        assert_eq!((d[0].pattern.to_string(), d[0].action, d[0].ports.clone()), ("api.example.test".into(), Action::Allow, vec![(443, 443)]));
+        assert_eq!(
+            (d[0].pattern.to_string(), d[0].action, d[0].ports.clone()),
+            ("api.example.test".into(), Action::Allow, vec![(443, 443)])
+        );
         assert_eq!((d[1].name.as_str(), d[2].name.as_str(), d[2].action), ("allow[1]", "deny[0]", Action::Deny));
         assert_eq!(p.network.allow.len(), 1);
         let dns = p.dns.unwrap();
@@ -1089,6 +1132,11 @@ mod tests {
         // No domain rules and no dns section: DNS is judged like any traffic.
         assert!(parse_policy_str(&with_network("    default: deny\n"), "t.yaml").unwrap().dns.is_none());
         // min_ttl above max_ttl is refused.
-        assert!(parse_policy_str(&format!("{HEAD}  dns:\n    min_ttl: 2h\n    max_ttl: 1h\n"), "t.yaml").unwrap_err().to_string().contains("longer than dns.max_ttl"));
+        assert!(
+            parse_policy_str(&format!("{HEAD}  dns:\n    min_ttl: 2h\n    max_ttl: 1h\n"), "t.yaml")
+                .unwrap_err()
+                .to_string()
+                .contains("longer than dns.max_ttl")
+        );
     }
 }

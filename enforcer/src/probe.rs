@@ -47,7 +47,8 @@ impl std::str::FromStr for Probe {
         }
         for (prefix, tcp) in [("dns-udp:", false), ("dns-tcp:", true)] {
             if let Some(rest) = s.strip_prefix(prefix) {
-                let (name, server) = rest.split_once('@').ok_or_else(|| format!("{s:?}: expected {prefix}NAME@ADDR:PORT"))?;
+                let (name, server) =
+                    rest.split_once('@').ok_or_else(|| format!("{s:?}: expected {prefix}NAME@ADDR:PORT"))?;
                 let server: SocketAddr = server.parse().map_err(|e| format!("{s:?}: {e} (IPv6 as [::1]:53)"))?;
                 return Ok(if tcp { Self::DnsTcp(name.into(), server) } else { Self::DnsUdp(name.into(), server) });
             }
@@ -55,9 +56,7 @@ impl std::str::FromStr for Probe {
         let (kind, addr) = s
             .split_once(':')
             .ok_or_else(|| format!("{s:?}: expected KIND:ADDR:PORT (tcp, udp, sendto, tfo), raw or icmp"))?;
-        let addr: SocketAddr = addr
-            .parse()
-            .map_err(|e| format!("{s:?}: {e} (IPv6 as tcp:[::1]:80)"))?;
+        let addr: SocketAddr = addr.parse().map_err(|e| format!("{s:?}: {e} (IPv6 as tcp:[::1]:80)"))?;
         match kind {
             "tcp" => Ok(Self::Tcp(addr)),
             "udp" => Ok(Self::UdpConnect(addr)),

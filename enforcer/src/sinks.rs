@@ -67,7 +67,8 @@ pub fn sink_counts() -> Vec<(String, u64, u64)> {
 /// `name` in the same table as the sinks' own drops.
 pub fn count_dropped(name: &str) {
     let mut table = counters().lock().expect("counters lock");
-    let entry = table.entry(name.to_string()).or_insert_with(|| (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))));
+    let entry =
+        table.entry(name.to_string()).or_insert_with(|| (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))));
     entry.1.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -101,7 +102,8 @@ pub fn rfc5424(event: &Outgoing, host: &str) -> Vec<u8> {
         _ => event.timestamp.to_string(),
     };
     let host = if host.is_empty() { "-" } else { host };
-    let mut line = format!("<{pri}>1 {timestamp} {host} enforcer {} {} - ", std::process::id(), event.action).into_bytes();
+    let mut line =
+        format!("<{pri}>1 {timestamp} {host} enforcer {} {} - ", std::process::id(), event.action).into_bytes();
     line.extend_from_slice(&event.json);
     line
 }
@@ -263,7 +265,9 @@ mod tests {
     #[test]
     fn parses_syslog_targets() {
         assert!(matches!("udp://127.0.0.1:514".parse(), Ok(SyslogTarget::Udp(_))));
-        assert!(matches!("unix:///dev/log".parse(), Ok(SyslogTarget::Unix(p)) if p == std::path::Path::new("/dev/log")));
+        assert!(
+            matches!("unix:///dev/log".parse(), Ok(SyslogTarget::Unix(p)) if p == std::path::Path::new("/dev/log"))
+        );
         assert!("tcp://x:1".parse::<SyslogTarget>().is_err());
     }
 

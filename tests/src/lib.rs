@@ -291,19 +291,13 @@ fn parse_probe<S: AsRef<str>>(output: Output, targets: &[S]) -> Vec<String> {
 /// Probes `targets` from a process inside `cgroup`; returns one outcome per target
 /// (`ok`, `EPERM`, `ECONNREFUSED`, ...).
 pub fn probe_in<S: AsRef<str>>(cgroup: &Path, targets: &[S]) -> Vec<String> {
-    let out = command_in(cgroup, &enforcer_bin())
-        .arg("probe")
-        .args(targets.iter().map(AsRef::as_ref))
-        .output_within();
+    let out = command_in(cgroup, &enforcer_bin()).arg("probe").args(targets.iter().map(AsRef::as_ref)).output_within();
     parse_probe(out, targets)
 }
 
 /// Probes from the test's own cgroup (not confined).
 pub fn probe_outside<S: AsRef<str>>(targets: &[S]) -> Vec<String> {
-    let out = Command::new(enforcer_bin())
-        .arg("probe")
-        .args(targets.iter().map(AsRef::as_ref))
-        .output_within();
+    let out = Command::new(enforcer_bin()).arg("probe").args(targets.iter().map(AsRef::as_ref)).output_within();
     parse_probe(out, targets)
 }
 
@@ -380,7 +374,11 @@ impl OutputWithin for Command {
         let deadline = command_deadline();
         if !wait_or_kill(&mut child, deadline) {
             let text = |b: &SharedBytes| String::from_utf8_lossy(&b.lock().unwrap()).into_owned();
-            panic!("{what} did not finish within {deadline:?}; killed it. stdout:\n{}\nstderr:\n{}", text(&stdout), text(&stderr));
+            panic!(
+                "{what} did not finish within {deadline:?}; killed it. stdout:\n{}\nstderr:\n{}",
+                text(&stdout),
+                text(&stderr)
+            );
         }
         let status = child.wait().unwrap_or_else(|e| panic!("waiting for {what}: {e}"));
         let _ = (out_reader.join(), err_reader.join());
@@ -407,9 +405,7 @@ fn drain(pipe: Option<impl std::io::Read + Send + 'static>) -> (SharedBytes, std
 }
 
 pub fn links_pinned(cgroup_id: u64) -> usize {
-    fs::read_dir(Path::new(PIN_ROOT).join("cgroups").join(cgroup_id.to_string()))
-        .map(|d| d.count())
-        .unwrap_or(0)
+    fs::read_dir(Path::new(PIN_ROOT).join("cgroups").join(cgroup_id.to_string())).map(|d| d.count()).unwrap_or(0)
 }
 
 /// Pins a fresh BPF array map (4-byte keys) at `path`: the raw `bpf(2)` calls, so a

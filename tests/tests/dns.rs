@@ -109,7 +109,9 @@ fn http_server(addr: &str) -> u16 {
 fn dns_policy(name: &str, network: &str, dns: &str) -> TempFile {
     TempFile::with(
         "policy.yaml",
-        &format!("apiVersion: enforcer/v1\nkind: AgentPolicy\nmetadata:\n  name: {name}\nspec:\n  network:\n{network}  dns:\n{dns}"),
+        &format!(
+            "apiVersion: enforcer/v1\nkind: AgentPolicy\nmetadata:\n  name: {name}\nspec:\n  network:\n{network}  dns:\n{dns}"
+        ),
     )
 }
 
@@ -132,7 +134,10 @@ fn allowed_name_resolves_and_opens_its_address_unlisted_name_is_refused() {
         "dns-basic",
         &format!("    allow:\n      - name: api\n        domain: api.example.test\n        ports: [{port}]\n"),
         // log_allowed: allowed queries are events only when asked for, like allowed connects.
-        &format!("    upstream: [\"{}:53\"]\n    allow_private_answers: true\n  audit:\n    log_allowed: true\n", up.addr),
+        &format!(
+            "    upstream: [\"{}:53\"]\n    allow_private_answers: true\n  audit:\n    log_allowed: true\n",
+            up.addr
+        ),
     );
     let c = Controller::attach(cg.arg(), &p, &[]);
 
@@ -185,7 +190,8 @@ fn queries_to_any_resolver_over_udp_tcp_and_ipv6_reach_the_proxy() {
     let _c = Controller::attach(cg.arg(), &p, &[]);
     // UDP to a made-up server, TCP, IPv6 transport, and the real upstream's own address
     // (asked directly it would answer anything: the proxy must stand in for it too).
-    for (server, extra) in [("127.0.0.99", None), ("127.0.0.99", Some("+tcp")), ("::1", None), (up.addr.as_str(), None)] {
+    for (server, extra) in [("127.0.0.99", None), ("127.0.0.99", Some("+tcp")), ("::1", None), (up.addr.as_str(), None)]
+    {
         let mut args = vec!["+short", "api.example.test"];
         args.extend(extra);
         assert_eq!(answers(&dig_in(&cg, server, &args)), vec![web.to_string()], "@{server} {extra:?}");
@@ -194,7 +200,11 @@ fn queries_to_any_resolver_over_udp_tcp_and_ipv6_reach_the_proxy() {
     }
     // A CNAME chain answers with the chain and opens the final address.
     let out = dig_in(&cg, "127.0.0.99", &["+short", "www.example.test"]);
-    assert_eq!(answers(&out), vec!["mid.example.test.".to_string(), "edge.cdn.example.test.".into(), web.into()], "{out}");
+    assert_eq!(
+        answers(&out),
+        vec!["mid.example.test.".to_string(), "edge.cdn.example.test.".into(), web.into()],
+        "{out}"
+    );
     let port = loopback_port(web);
     let t = [format!("tcp:{web}:{port}")];
     assert_outcomes(&t, &probe_in(&cg.path, &t), &[true]);
@@ -237,7 +247,10 @@ fn glibc_python_and_curl_resolve_through_the_proxy_and_connect() {
         &format!("    upstream: [\"{}:53\"]\n    allow_private_answers: true\n", up.addr),
     );
     let _c = Controller::attach(cg.arg(), &p, &[]);
-    let out = sh_in_with_loopback_resolver(&cg, "getent hosts api.example.test; echo rc=$?; getent hosts other.example.test; echo rc=$?");
+    let out = sh_in_with_loopback_resolver(
+        &cg,
+        "getent hosts api.example.test; echo rc=$?; getent hosts other.example.test; echo rc=$?",
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     let first: Vec<&str> = text.lines().next().unwrap_or_default().split_whitespace().collect();
     assert_eq!(first, [web, "api.example.test"], "{text}");
@@ -250,7 +263,11 @@ fn glibc_python_and_curl_resolve_through_the_proxy_and_connect() {
     );
     let script = TempFile::with("client.py", &python);
     let out = sh_in_with_loopback_resolver(&cg, &format!("python3 {}", script.arg()));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).split_whitespace().collect::<Vec<_>>(), ["200", "refused"], "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).split_whitespace().collect::<Vec<_>>(),
+        ["200", "refused"],
+        "{out:?}"
+    );
 
     let out = sh_in_with_loopback_resolver(&cg, &format!("curl -sS --max-time 5 http://api.example.test:{port}/"));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello", "{out:?}");

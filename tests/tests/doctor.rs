@@ -9,7 +9,12 @@ fn doctor_reports_what_loads_and_chooses_backends_from_it() {
     assert!(out.status.success(), "{out:?}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("doctor --json is JSON");
     let check = |name: &str| -> serde_json::Value {
-        report["checks"].as_array().unwrap().iter().find(|c| c["name"] == name).cloned()
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .cloned()
             .unwrap_or_else(|| panic!("no {name} check in {report}"))
     };
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();

@@ -41,7 +41,10 @@ fn attach_files(cg: &TestCgroup, policy: &TempFile) -> Controller {
         if lines.lines().any(|l| l.contains("attached") && l.contains(&format!("\"{expected}\""))) {
             return c;
         }
-        assert!(std::time::Instant::now() < deadline, "doctor said files use {expected}; the controller said:\n{lines}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "doctor said files use {expected}; the controller said:\n{lines}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
@@ -69,7 +72,8 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(self.0.join("bind")).stderr(std::process::Stdio::null()).status();
+        let _ =
+            std::process::Command::new("umount").arg(self.0.join("bind")).stderr(std::process::Stdio::null()).status();
         let _ = fs::remove_dir_all(&self.0);
     }
 }
@@ -93,11 +97,8 @@ fn try_in(cgroup: &Path, steps: &[(&str, String)]) -> HashMap<String, bool> {
         .collect();
     let out = command_in(cgroup, Path::new("/bin/sh")).arg("-c").arg(&script).output_within();
     let text = String::from_utf8_lossy(&out.stdout);
-    let results: HashMap<String, bool> = text
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(n, r)| (n.to_string(), r == "ok"))
-        .collect();
+    let results: HashMap<String, bool> =
+        text.lines().filter_map(|l| l.split_once('=')).map(|(n, r)| (n.to_string(), r == "ok")).collect();
     assert_eq!(results.len(), steps.len(), "one line per step:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
     results
 }
@@ -106,13 +107,23 @@ fn expect(results: &HashMap<String, bool>, expected: &[(&str, bool)]) {
     let wrong: Vec<String> = expected
         .iter()
         .filter(|(n, ok)| results[*n] != *ok)
-        .map(|(n, ok)| format!("{n}: expected {}, got {}", if *ok { "ok" } else { "denied" }, if results[*n] { "ok" } else { "denied" }))
+        .map(|(n, ok)| {
+            format!(
+                "{n}: expected {}, got {}",
+                if *ok { "ok" } else { "denied" },
+                if results[*n] { "ok" } else { "denied" }
+            )
+        })
         .collect();
     if !wrong.is_empty() {
         // What the kernel counted, per hook and verdict, tells a program that did not run
         // from one whose denial did not take.
         let status = enforcer(&["status", "--json"]);
-        panic!("backend {}: {wrong:?} (all: {results:?})\nstatus: {}", backend(), String::from_utf8_lossy(&status.stdout));
+        panic!(
+            "backend {}: {wrong:?} (all: {results:?})\nstatus: {}",
+            backend(),
+            String::from_utf8_lossy(&status.stdout)
+        );
     }
 }
 
@@ -140,7 +151,16 @@ fn reads_writes_and_denials_follow_the_tree_rules() {
             ("list_denied_dir", format!("ls {}", s.p("secrets/.ssh"))),
         ],
     );
-    expect(&r, &[("read_allowed", true), ("read_denied", false), ("write_read_only", false), ("write_allowed", true), ("list_denied_dir", false)]);
+    expect(
+        &r,
+        &[
+            ("read_allowed", true),
+            ("read_denied", false),
+            ("write_read_only", false),
+            ("write_allowed", true),
+            ("list_denied_dir", false),
+        ],
+    );
     let ev = c.wait_event("the denied read", |e| {
         e["file"]["path"] == s.p("secrets/.ssh/id_ed25519") && e["enforcer"]["verdict"] == "deny"
     });
@@ -180,8 +200,17 @@ fn tree_changes_need_write_access() {
     if lsm() {
         expect(
             &r,
-            &[("mkdir", false), ("rename_in", false), ("rename_out", false), ("unlink", false), ("link", false),
-              ("symlink", false), ("rmdir", false), ("chmod", false), ("create_in_rw", true)],
+            &[
+                ("mkdir", false),
+                ("rename_in", false),
+                ("rename_out", false),
+                ("unlink", false),
+                ("link", false),
+                ("symlink", false),
+                ("rmdir", false),
+                ("chmod", false),
+                ("create_in_rw", true),
+            ],
         );
     } else {
         // fanotify judges opens only: tree changes are not seen (README: backends).
@@ -227,7 +256,8 @@ fn links_bind_mounts_and_reopens_cannot_relabel_a_denied_file() {
     fs::hard_link(&secret, s.0.join("work/innocent")).unwrap();
     std::os::unix::fs::symlink(&secret, s.0.join("work/link")).unwrap();
     fs::create_dir_all(s.0.join("bind")).unwrap();
-    let status = std::process::Command::new("mount").args(["--bind", &s.p("home/.aws"), &s.p("bind")]).status().unwrap();
+    let status =
+        std::process::Command::new("mount").args(["--bind", &s.p("home/.aws"), &s.p("bind")]).status().unwrap();
     assert!(status.success(), "bind mount");
     // An overlay the agent mounts in its own user and mount namespace (no privilege
     // needed) with a denied tree as its lower layer puts the denied file under a new
@@ -349,7 +379,8 @@ fn filling_the_pending_table_fails_closed_instead_of_unlisting_a_path() {
     let token = s.file("home/.config/gcloud/token", "TOKEN");
     let sibling = s.file("home/other", "fine");
     // Once failed closed the cgroup cannot even exec cat: a spawn error is a denial.
-    let reads = |path: &Path| command_in(&cg.path, Path::new("/bin/cat")).arg(path).output().is_ok_and(|o| o.status.success());
+    let reads =
+        |path: &Path| command_in(&cg.path, Path::new("/bin/cat")).arg(path).output().is_ok_and(|o| o.status.success());
     assert!(!reads(&token), "the listed path created after the churn was readable");
     if lsm() {
         // The table overflowed: the cgroup's file access fails closed, and status says so.
@@ -414,7 +445,10 @@ fn a_listed_tree_renamed_onto_a_denied_path_is_denied_there() {
     fs::rename(s.0.join("work"), s.0.join("home/.aws")).unwrap();
     let r = try_in(
         &cg.path,
-        &[("read", format!("cat {}", s.p("home/.aws/notes"))), ("write", format!("sh -c 'echo y >> {}'", s.p("home/.aws/notes")))],
+        &[
+            ("read", format!("cat {}", s.p("home/.aws/notes"))),
+            ("write", format!("sh -c 'echo y >> {}'", s.p("home/.aws/notes"))),
+        ],
     );
     expect(&r, &[("read", false), ("write", false)]);
 }

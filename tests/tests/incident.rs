@@ -11,7 +11,11 @@ fn isolate_blocks_allowed_traffic_at_once_and_release_restores_it() {
     let cg = TestCgroup::new("isolate");
     let port = loopback_port("127.0.0.1");
     let t = [format!("tcp:127.0.0.1:{port}"), format!("sendto:127.0.0.1:{port}")];
-    let p = policy("isolate", "enforce", &format!("    default: deny\n    allow:\n      - ip: 127.0.0.1\n        ports: [{port}]\n"));
+    let p = policy(
+        "isolate",
+        "enforce",
+        &format!("    default: deny\n    allow:\n      - ip: 127.0.0.1\n        ports: [{port}]\n"),
+    );
     let c = Controller::attach(cg.arg(), &p, &[]);
     assert_outcomes(&t, &probe_in(&cg.path, &t), &[true, true]);
 
@@ -99,7 +103,19 @@ fn a_grant_opens_a_denied_destination_until_the_kernel_closes_it() {
 
     let record = TempFile::empty("grants.jsonl");
     let target = format!("127.0.0.1:{port}");
-    let out = enforcer(&["grant", "--cgroup", cg.arg(), "--allow", &target, "--ttl", "3s", "--reason", "ticket-42", "--events", record.arg()]);
+    let out = enforcer(&[
+        "grant",
+        "--cgroup",
+        cg.arg(),
+        "--allow",
+        &target,
+        "--ttl",
+        "3s",
+        "--reason",
+        "ticket-42",
+        "--events",
+        record.arg(),
+    ]);
     assert!(out.status.success(), "grant failed: {out:?}");
     assert_outcomes(&t, &probe_in(&cg.path, &t), &[true, false]);
     let status: serde_json::Value = serde_json::from_slice(&enforcer(&["status", "--json"]).stdout).unwrap();
@@ -111,7 +127,8 @@ fn a_grant_opens_a_denied_destination_until_the_kernel_closes_it() {
     std::thread::sleep(std::time::Duration::from_millis(3500));
     assert_outcomes(&t, &probe_in(&cg.path, &t), &[false, false]);
 
-    let actions: Vec<String> = read_events(&record.0).iter().map(|e| e["event"]["action"].as_str().unwrap().into()).collect();
+    let actions: Vec<String> =
+        read_events(&record.0).iter().map(|e| e["event"]["action"].as_str().unwrap().into()).collect();
     assert_eq!(actions, ["grant"]);
 }
 
@@ -119,7 +136,11 @@ fn a_grant_opens_a_denied_destination_until_the_kernel_closes_it() {
 fn revoke_closes_a_grant_at_once_and_deny_rules_win_over_grants() {
     let cg = TestCgroup::new("revoke");
     let (port, denied) = (loopback_port("127.0.0.1"), loopback_port("127.0.0.1"));
-    let p = policy("revoke", "enforce", &format!("    default: deny\n    deny:\n      - ip: 127.0.0.1\n        ports: [{denied}]\n"));
+    let p = policy(
+        "revoke",
+        "enforce",
+        &format!("    default: deny\n    deny:\n      - ip: 127.0.0.1\n        ports: [{denied}]\n"),
+    );
     let _c = Controller::attach(cg.arg(), &p, &[]);
     let out = enforcer(&["grant", "--cgroup", cg.arg(), "--allow", "127.0.0.0/8", "--ttl", "10m"]);
     assert!(out.status.success(), "grant failed: {out:?}");
@@ -153,7 +174,9 @@ fn alerts_fire_at_their_thresholds_and_not_below() {
     let denied = [format!("tcp:127.0.0.1:{closed}")];
     probe_in(&cg.path, &denied);
     probe_in(&cg.path, &denied);
-    c.wait_event("for the 2nd denial", |e| e["enforcer"]["verdict"] == "deny" && e["process"]["pid"] != serde_json::Value::Null);
+    c.wait_event("for the 2nd denial", |e| {
+        e["enforcer"]["verdict"] == "deny" && e["process"]["pid"] != serde_json::Value::Null
+    });
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert!(alerts(&c, "denial-burst").is_empty(), "2 denials stay below a threshold of 3");
     probe_in(&cg.path, &denied);

@@ -48,7 +48,11 @@ fn unspecified_address_is_judged_as_loopback() {
     // Linux connects 0.0.0.0 and :: to loopback: they must not bypass a loopback deny.
     let cg = TestCgroup::new("unspec");
     let closed = loopback_port("127.0.0.1");
-    let p = policy("unspec", "enforce", "    default: allow\n    deny:\n      - cidr: 127.0.0.0/8\n      - cidr: ::1/128\n");
+    let p = policy(
+        "unspec",
+        "enforce",
+        "    default: allow\n    deny:\n      - cidr: 127.0.0.0/8\n      - cidr: ::1/128\n",
+    );
     let _c = Controller::attach(cg.arg(), &p, &[]);
     let t = [format!("tcp:0.0.0.0:{closed}"), format!("tcp:[::]:{closed}"), format!("tcp:[::ffff:0.0.0.0]:{closed}")];
     assert_outcomes(&t, &probe_in(&cg.path, &t), &[false, false, false]);
@@ -110,10 +114,16 @@ fn deny_wins_over_allow() {
     let p = policy(
         "denywins",
         "enforce",
-        &format!("    default: deny\n    allow:\n      - cidr: 127.0.0.0/8\n    deny:\n      - name: no-admin\n        cidr: 127.0.0.1/32\n        ports: [{port}]\n"),
+        &format!(
+            "    default: deny\n    allow:\n      - cidr: 127.0.0.0/8\n    deny:\n      - name: no-admin\n        cidr: 127.0.0.1/32\n        ports: [{port}]\n"
+        ),
     );
     let c = Controller::attach(cg.arg(), &p, &[]);
-    let t = [format!("tcp:127.0.0.1:{port}"), format!("tcp:127.0.0.2:{port}"), format!("tcp:127.0.0.1:{}", port.wrapping_add(1).max(1))];
+    let t = [
+        format!("tcp:127.0.0.1:{port}"),
+        format!("tcp:127.0.0.2:{port}"),
+        format!("tcp:127.0.0.1:{}", port.wrapping_add(1).max(1)),
+    ];
     assert_outcomes(&t, &probe_in(&cg.path, &t), &[false, true, true]);
     let ev = c.wait_event("denying the admin port", |e| e["event"]["type"][0] == "denied");
     assert_eq!(ev["rule"]["name"], "no-admin", "the deny rule decided: {ev}");
@@ -328,12 +338,21 @@ fn pins_left_by_an_incompatible_build_are_refused_and_detach_clears_them() {
     let out = enforcer(&["attach", "--cgroup", other.arg(), "--policy", deny.arg()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "attach over an incompatible pin must be refused");
-    for needed in ["ENF_POLICIES", "another enforcer build", &format!("value {} bytes", value_size - 8), &format!("expects type 2, key 4 bytes, value {value_size} bytes"), "detach"] {
+    for needed in [
+        "ENF_POLICIES",
+        "another enforcer build",
+        &format!("value {} bytes", value_size - 8),
+        &format!("expects type 2, key 4 bytes, value {value_size} bytes"),
+        "detach",
+    ] {
         assert!(stderr.contains(needed), "missing {needed:?} in:\n{stderr}");
     }
     assert_eq!(links_pinned(other.id()), 0, "nothing of the refused attach stays");
     let status = enforcer(&["status"]);
-    assert!(!status.status.success() && String::from_utf8_lossy(&status.stderr).contains("another enforcer build"), "{status:?}");
+    assert!(
+        !status.status.success() && String::from_utf8_lossy(&status.stderr).contains("another enforcer build"),
+        "{status:?}"
+    );
 
     // Detach works with the new build: links first (enforcement ends), then the pins.
     let detach = enforcer(&["detach", "--cgroup", old.arg()]);
@@ -386,10 +405,8 @@ fn a_nested_attach_narrows_but_never_escapes_the_parent_policy() {
 /// ping_group_range admits root (the kernel checks it before our hook runs; setting it
 /// in a namespace of our own leaves the host's setting alone).
 fn icmp_probe_in(cgroup: &std::path::Path) -> String {
-    let script = format!(
-        "echo '0 0' > /proc/sys/net/ipv4/ping_group_range && exec {} probe icmp",
-        enforcer_bin().display()
-    );
+    let script =
+        format!("echo '0 0' > /proc/sys/net/ipv4/ping_group_range && exec {} probe icmp", enforcer_bin().display());
     let out = command_in(cgroup, std::path::Path::new("/usr/bin/unshare"))
         .args(["--net", "/bin/sh", "-c", &script])
         .output_within();
@@ -418,7 +435,8 @@ fn events_name_the_executable_parent_and_user() {
     let p = policy("enrich", "enforce", "    default: deny\n");
     let c = Controller::attach(cg.arg(), &p, &[]);
     // A process that stays alive while the controller enriches its event.
-    let script = format!("import socket,time\ns=socket.socket()\nprint(s.connect_ex(('127.0.0.1',{port})))\ntime.sleep(3)");
+    let script =
+        format!("import socket,time\ns=socket.socket()\nprint(s.connect_ex(('127.0.0.1',{port})))\ntime.sleep(3)");
     let mut agent = command_in(&cg.path, std::path::Path::new("/usr/bin/python3"))
         .args(["-c", &script])
         .stdout(std::process::Stdio::piped())
@@ -435,7 +453,9 @@ fn events_name_the_executable_parent_and_user() {
 
 /// A policy of `n` distinct /32 allow rules in 10.0.0.0/8 (never the test's target).
 fn many_rules(name: &str, n: u32) -> TempFile {
-    let mut yaml = format!("apiVersion: enforcer/v1\nkind: AgentPolicy\nmetadata:\n  name: {name}\nspec:\n  network:\n    default: deny\n    allow:\n");
+    let mut yaml = format!(
+        "apiVersion: enforcer/v1\nkind: AgentPolicy\nmetadata:\n  name: {name}\nspec:\n  network:\n    default: deny\n    allow:\n"
+    );
     for i in 0..n {
         yaml.push_str(&format!("      - ip: 10.{}.{}.{}\n", i >> 16, (i >> 8) & 0xff, i & 0xff));
     }

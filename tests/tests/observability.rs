@@ -49,7 +49,11 @@ impl Prometheus {
 
     /// Waits until an instant query returns a sample >= `at_least`.
     fn wait_for(&self, query: &str, at_least: f64) -> serde_json::Value {
-        let url = format!("http://{}/api/v1/query?query={}", self.web, query.replace('"', "%22").replace('{', "%7B").replace('}', "%7D").replace(',', "%2C"));
+        let url = format!(
+            "http://{}/api/v1/query?query={}",
+            self.web,
+            query.replace('"', "%22").replace('{', "%7B").replace('}', "%7D").replace(',', "%2C")
+        );
         let start = Instant::now();
         let mut last = String::new();
         while start.elapsed() < Duration::from_secs(60) {
@@ -191,8 +195,17 @@ impl Rsyslog {
                 return line.to_string();
             }
             if start.elapsed() > Duration::from_secs(10) {
-                let listing: Vec<_> = std::fs::read_dir(&self.dir).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
-                panic!("no line with {needle} in {file}: {text:?}; dir {listing:?}; rsyslogd alive: {:?}", std::process::Command::new("kill").arg("-0").arg(self.child.id().to_string()).status().map(|s| s.success()));
+                let listing: Vec<_> = std::fs::read_dir(&self.dir)
+                    .map(|d| d.flatten().map(|e| e.file_name()).collect())
+                    .unwrap_or_default();
+                panic!(
+                    "no line with {needle} in {file}: {text:?}; dir {listing:?}; rsyslogd alive: {:?}",
+                    std::process::Command::new("kill")
+                        .arg("-0")
+                        .arg(self.child.id().to_string())
+                        .status()
+                        .map(|s| s.success())
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }

@@ -131,7 +131,11 @@ fn files_bench(mount: &Path) -> anyhow::Result<()> {
 
 fn files_bench_in(mount: &Path, root: &Path) -> anyhow::Result<()> {
     let tree = FileBenchTree::create(root)?;
-    let setups = [("no enforcer", None), ("10 file rules", Some(tree.policy(10)?)), ("1,000 file rules", Some(tree.policy(1000)?))];
+    let setups = [
+        ("no enforcer", None),
+        ("10 file rules", Some(tree.policy(10)?)),
+        ("1,000 file rules", Some(tree.policy(1000)?)),
+    ];
     let cgroup = mount.join(format!("enforcer-bench-files-{}", std::process::id()));
     fs::create_dir_all(&cgroup)?;
     let iterations = 20_000;
@@ -162,7 +166,9 @@ fn files_bench_in(mount: &Path, root: &Path) -> anyhow::Result<()> {
     let _ = fs::remove_dir(&cgroup);
     outcome?;
     let medians: Vec<f64> = samples.into_iter().map(median).collect();
-    println!("\nFile open+close, {FILE_DEPTH} directories deep, {iterations} per round, median of 3 interleaved rounds (backend: {backend}):");
+    println!(
+        "\nFile open+close, {FILE_DEPTH} directories deep, {iterations} per round, median of 3 interleaved rounds (backend: {backend}):"
+    );
     println!("  {:<20} {:>12} {:>8}", "setup", "ns/open", "ratio");
     for ((name, _), ns) in setups.iter().zip(&medians) {
         println!("  {name:<20} {ns:>12.0} {:>7.2}x", ns / medians[0]);
@@ -268,13 +274,22 @@ pub fn guest_lsm_files_bench(iterations: u32) -> anyhow::Result<()> {
         spread(&attach_secs).1
     );
     println!("bench:   {:<34} {:>10} {:>7} {:>14}  ns/open range", "setup", "ns/open", "ratio", "file_open run");
-    println!("bench:   {:<34} {base:>10.0} {:>6.2}x {:>14}  {lo:.0}..{hi:.0}", "no programs loaded (baseline)", 1.0, "-");
+    println!(
+        "bench:   {:<34} {base:>10.0} {:>6.2}x {:>14}  {lo:.0}..{hi:.0}",
+        "no programs loaded (baseline)", 1.0, "-"
+    );
     for s in &setups {
-        for (who, times, progs) in [("confined", &s.confined, &s.prog_confined), ("outside the cgroup", &s.outside, &s.prog_outside)] {
+        for (who, times, progs) in
+            [("confined", &s.confined, &s.prog_confined), ("outside the cgroup", &s.outside, &s.prog_outside)]
+        {
             let ns = median(times.clone());
             let prog = if progs.is_empty() { "-".to_string() } else { format!("{:.0} ns", median(progs.clone())) };
             let (lo, hi) = spread(times);
-            println!("bench:   {:<34} {ns:>10.0} {:>6.2}x {prog:>14}  {lo:.0}..{hi:.0}", format!("{} file rules, {who}", s.rules), ns / base);
+            println!(
+                "bench:   {:<34} {ns:>10.0} {:>6.2}x {prog:>14}  {lo:.0}..{hi:.0}",
+                format!("{} file rules, {who}", s.rules),
+                ns / base
+            );
         }
     }
     for s in &setups {
@@ -308,8 +323,11 @@ fn stop_controller(controller: &mut Child) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    println!("
-WARNING: the controller did not exit within {} s of SIGTERM; killed it", STOP_GRACE.as_secs());
+    println!(
+        "
+WARNING: the controller did not exit within {} s of SIGTERM; killed it",
+        STOP_GRACE.as_secs()
+    );
     let _ = controller.kill();
     let _ = controller.wait();
 }
@@ -346,7 +364,14 @@ fn events_bench(mount: &Path) -> anyhow::Result<()> {
         let mut controller = attach_with(
             &cgroup,
             &policy,
-            &["--events", events.to_str().expect("utf-8"), "--events-max-bytes", &(8u64 << 30).to_string(), "--metrics-addr", &metrics],
+            &[
+                "--events",
+                events.to_str().expect("utf-8"),
+                "--events-max-bytes",
+                &(8u64 << 30).to_string(),
+                "--metrics-addr",
+                &metrics,
+            ],
         )?;
         let out = (|| -> anyhow::Result<String> {
             let generated = run_worker_raw("events", &cgroup, 0)?;
@@ -399,10 +424,7 @@ fn events_bench(mount: &Path) -> anyhow::Result<()> {
 fn scrape(addr: &str, prefix: &str) -> f64 {
     let out = Command::new("curl").args(["-sf", &format!("http://{addr}/metrics")]).output();
     let body = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
-    body.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    body.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
 }
 
 /// The setups, each in its own cgroup, all in place at once: (cgroup name, label).
@@ -741,7 +763,9 @@ fn report(rows: &[Row]) {
             r.tcp_ns / empty.tcp_ns
         );
     }
-    println!("\nin-kernel time of one connect4 program run (kernel.bpf_stats_enabled accounting, median of {OUTER_ROUNDS} rounds):");
+    println!(
+        "\nin-kernel time of one connect4 program run (kernel.bpf_stats_enabled accounting, median of {OUTER_ROUNDS} rounds):"
+    );
     for r in rows.iter().filter(|r| r.prog_ns.is_some()) {
         println!("  {:<24} {:>8.1} ns", r.setup, r.prog_ns.unwrap_or_default());
     }
@@ -793,7 +817,8 @@ fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> std::io::Result<i32> {
 impl EmptyProgram {
     fn attach(cgroup: &Path) -> anyhow::Result<Self> {
         // mov64 r0, 1 ; exit
-        let insns: [u64; 2] = [u64::from_le_bytes([0xb7, 0, 0, 0, 1, 0, 0, 0]), u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0])];
+        let insns: [u64; 2] =
+            [u64::from_le_bytes([0xb7, 0, 0, 0, 1, 0, 0, 0]), u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0])];
         let license = CString::new("GPL")?;
         let mut attr = [0u8; 128];
         // prog_type, insn_cnt, insns, license, ..., expected_attach_type at offset 68.

@@ -102,9 +102,15 @@ struct DnsRun {
 /// each answered query prints its latency.
 fn dnsperf(queries: &Path, cgroup: Option<&Path>, qps: Option<u32>) -> anyhow::Result<DnsRun> {
     let mut cmd = Command::new("dnsperf");
-    cmd.args(["-s", DNSMASQ_ADDR, "-p", "53", "-d"])
-        .arg(queries)
-        .args(["-l", &DNS_SECS.to_string(), "-c", "1", "-q", &IN_FLIGHT.to_string(), "-v"]);
+    cmd.args(["-s", DNSMASQ_ADDR, "-p", "53", "-d"]).arg(queries).args([
+        "-l",
+        &DNS_SECS.to_string(),
+        "-c",
+        "1",
+        "-q",
+        &IN_FLIGHT.to_string(),
+        "-v",
+    ]);
     if let Some(qps) = qps {
         cmd.args(["-Q", &qps.to_string()]);
     }
@@ -113,20 +119,24 @@ fn dnsperf(queries: &Path, cgroup: Option<&Path>, qps: Option<u32>) -> anyhow::R
     }
     let out = cmd.output().context("running dnsperf (apt install dnsperf)")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    ensure!(out.status.success(), "dnsperf failed: {}{}", text.lines().last().unwrap_or(""), String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "dnsperf failed: {}{}",
+        text.lines().last().unwrap_or(""),
+        String::from_utf8_lossy(&out.stderr)
+    );
     parse_dnsperf(&text)
 }
 
 /// Reads dnsperf 2.10's `-v` output: one `> RCODE name type seconds` line per answered
 /// query (2.10 has no latency histogram option), then the statistics block.
 fn parse_dnsperf(text: &str) -> anyhow::Result<DnsRun> {
-    let mut latencies: Vec<f64> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("> ")?.rsplit(' ').next()?.parse().ok())
-        .collect();
+    let mut latencies: Vec<f64> =
+        text.lines().filter_map(|l| l.strip_prefix("> ")?.rsplit(' ').next()?.parse().ok()).collect();
     ensure!(!latencies.is_empty(), "dnsperf reported no answered query:\n{text}");
     latencies.sort_by(|a, b| a.total_cmp(b));
-    let percentile = |p: f64| latencies[((p * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len()) - 1] * 1e3;
+    let percentile =
+        |p: f64| latencies[((p * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len()) - 1] * 1e3;
     let field = |name: &str| -> anyhow::Result<&str> {
         text.lines()
             .find_map(|l| l.trim_start().strip_prefix(name))
@@ -177,7 +187,9 @@ fn proxy_queries(metrics: &str) -> BTreeMap<String, f64> {
 }
 
 pub(super) fn dns_bench(mount: &Path) -> anyhow::Result<()> {
-    crate::step(&format!("bench: DNS, dnsperf straight at dnsmasq and through the proxy, {DNS_ROUNDS} x {DNS_SECS}s each"));
+    crate::step(&format!(
+        "bench: DNS, dnsperf straight at dnsmasq and through the proxy, {DNS_ROUNDS} x {DNS_SECS}s each"
+    ));
     let dir = std::env::temp_dir().join(format!("enforcer-bench-dns-{}", std::process::id()));
     fs::create_dir_all(&dir)?;
     let cgroup = mount.join(format!("enforcer-bench-dns-{}", std::process::id()));
@@ -242,7 +254,6 @@ fn dns_bench_in(cgroup: &Path, dir: &Path) -> anyhow::Result<()> {
     report_dns(&outcome?);
     Ok(())
 }
-
 
 fn report_dns(runs: &[Vec<DnsRun>]) {
     struct Summary {

@@ -238,14 +238,21 @@ fn build_release() -> anyhow::Result<()> {
 
 /// The release binary, or `ENFORCER_BIN` where it lives elsewhere (the QEMU guest).
 fn enforcer_bin() -> PathBuf {
-    std::env::var_os("ENFORCER_BIN").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target/release/enforcer"))
+    std::env::var_os("ENFORCER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/release/enforcer"))
 }
 
 fn test(filter: Option<&str>) -> anyhow::Result<()> {
     let mut tally = Tally::default();
     step("unit tests (no root needed)");
     tally.run(Command::new("cargo").args([
-        "test", "--workspace", "--exclude", "enforcer-tests", "--exclude", "enforcer-ebpf",
+        "test",
+        "--workspace",
+        "--exclude",
+        "enforcer-tests",
+        "--exclude",
+        "enforcer-ebpf",
     ]))?;
     ensure!(
         is_root(),
@@ -287,7 +294,9 @@ impl Tally {
             if let Some(rest) = line.strip_prefix("test result: ") {
                 let count = |word: &str| -> u64 {
                     rest.split(';')
-                        .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(word))
+                        .find_map(|part| {
+                            part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(word)
+                        })
                         .and_then(|n| n.trim().parse().ok())
                         .unwrap_or(0)
                 };

@@ -105,14 +105,21 @@ pub fn run_tests(filter: Option<&str>, tally: &mut Tally) -> anyhow::Result<()> 
     let kernels = kernels()?;
     let tests = test_executables()?;
     let work = work_dir();
-    let files: Vec<(String, PathBuf)> = tests.iter().map(|(name, exe)| (format!("tests/{name}"), exe.clone())).collect();
+    let files: Vec<(String, PathBuf)> =
+        tests.iter().map(|(name, exe)| (format!("tests/{name}"), exe.clone())).collect();
     let initrd = initramfs(&work.0, &files, &init_script(&tests, filter))?;
     let mut results = Vec::new();
     for k in &kernels {
         step(&format!("booting {} under QEMU (TCG; this takes minutes)", k.release));
         let started = Instant::now();
         let outcome = boot(k, &initrd)?;
-        step(&format!("{}: {} passed, {} failed in {:.0?}", k.release, outcome.passed, outcome.failed, started.elapsed()));
+        step(&format!(
+            "{}: {} passed, {} failed in {:.0?}",
+            k.release,
+            outcome.passed,
+            outcome.failed,
+            started.elapsed()
+        ));
         tally.passed += outcome.passed;
         tally.failed += outcome.failed;
         results.push((k.release.clone(), outcome));
@@ -136,13 +143,14 @@ fn cache_dir() -> anyhow::Result<PathBuf> {
 fn debian_mirror() -> String {
     let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
     if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
-        files.extend(dir.flatten().map(|e| e.path()).filter(|p| {
-            p.extension().is_some_and(|e| e == "list" || e == "sources")
-        }));
+        files.extend(
+            dir.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "list" || e == "sources")),
+        );
     }
     for text in files.iter().filter_map(|f| std::fs::read_to_string(f).ok()) {
         for line in text.lines().map(str::trim).filter(|l| !l.starts_with('#')) {
-            let found = line.split_whitespace().find(|w| w.starts_with("http") && w.trim_end_matches('/').ends_with("/debian"));
+            let found =
+                line.split_whitespace().find(|w| w.starts_with("http") && w.trim_end_matches('/').ends_with("/debian"));
             if let Some(url) = found {
                 return url.trim_end_matches('/').to_string();
             }
@@ -263,7 +271,12 @@ fn extract_module(dir: &Path, name: &str, dest: &Path) -> anyhow::Result<()> {
         }
         Some(tool) => {
             let out = Command::new(tool).arg("-dc").arg(&found).output().with_context(|| format!("starting {tool}"))?;
-            ensure!(out.status.success(), "{tool} -dc {} failed: {}", found.display(), String::from_utf8_lossy(&out.stderr));
+            ensure!(
+                out.status.success(),
+                "{tool} -dc {} failed: {}",
+                found.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
             std::fs::write(dest, out.stdout)?;
         }
     }
@@ -456,7 +469,10 @@ fn initramfs(work: &Path, files: &[(String, PathBuf)], init_text: &str) -> anyho
         std::fs::create_dir_all(dest.parent().expect("a library path has a parent"))?;
         std::fs::copy(lib, &dest).with_context(|| format!("copying {}", lib.display()))?;
     }
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n")?;
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+    )?;
     std::fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\nnobody:x:65534:\n")?;
     std::fs::write(root.join("etc/hosts"), "127.0.0.1 localhost\n::1 localhost\n")?;
     std::fs::write(root.join("etc/nsswitch.conf"), "passwd: files\ngroup: files\nhosts: files\n")?;
@@ -513,7 +529,12 @@ enum Clock {
 }
 
 /// Boots one kernel, echoes its console and hands each line to `on_line`.
-fn boot_console(kernel: &Kernel, initrd: &Path, clock: Clock, mut on_line: impl FnMut(&str)) -> anyhow::Result<Console> {
+fn boot_console(
+    kernel: &Kernel,
+    initrd: &Path,
+    clock: Clock,
+    mut on_line: impl FnMut(&str),
+) -> anyhow::Result<Console> {
     let initrd = initrd_for(kernel, initrd)?;
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args(["-accel", "tcg", "-m", "2048"]);
@@ -594,7 +615,11 @@ fn boot(kernel: &Kernel, initrd: &Path) -> anyhow::Result<Outcome> {
         } else if let Some(name) = line.strip_prefix(HUNG_MARK) {
             o.failed += 1;
             failed_in_binary += 1;
-            o.failures.push(format!("{} hung: killed after {:?} (process report above)", name.trim(), binary_timeout()));
+            o.failures.push(format!(
+                "{} hung: killed after {:?} (process report above)",
+                name.trim(),
+                binary_timeout()
+            ));
         } else if let Some(rest) = line.strip_prefix(EXIT_MARK) {
             // A binary that failed without a FAILED test line (crash, bad arguments).
             let mut words = rest.split_whitespace();

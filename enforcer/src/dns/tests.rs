@@ -721,7 +721,10 @@ async fn audit_mode_answers_what_enforce_would_refuse_and_opens_only_allowed_nam
     assert_ne!(reply.response_code(), ResponseCode::Refused);
     audited(&events, "not-allowed");
     let (_, events) = h.ask(&query(4, "a.allowed.test.", RecordType::A), Transport::Udp).await;
-    assert!(matches!(events.as_slice(), [Event::Open(1, _), Event::Record(d)] if d.verdict == DnsVerdict::Allowed), "{events:?}");
+    assert!(
+        matches!(events.as_slice(), [Event::Open(1, _), Event::Record(d)] if d.verdict == DnsVerdict::Allowed),
+        "{events:?}"
+    );
 }
 
 #[tokio::test]
