@@ -4,6 +4,12 @@
 //! time. The `user` feature adds `aya::Pod` impls.
 #![no_std]
 
+#[cfg(feature = "std")]
+extern crate std;
+
+#[cfg(feature = "std")]
+pub mod host;
+
 pub mod limits {
     //! Bounds shared by the kernel tables and the policy compiler. Each has its reason.
 
@@ -79,6 +85,25 @@ pub mod names {
     pub const MAP_FILES: &str = "ENF_FILES";
     pub const MAP_PENDING: &str = "ENF_PENDING";
     pub const MAP_FILE_FILTER: &str = "ENF_FILE_FILTER";
+    /// Per-CPU room the kernel builds a pending value in (not pinned).
+    pub const MAP_PENDING_SCRATCH: &str = "ENF_PEND_TMP";
+    /// Every map of the kernel object; a test holds the object to this list.
+    pub const MAPS: &[&str] = &[
+        MAP_BINDINGS,
+        MAP_POLICIES,
+        MAP_NET4,
+        MAP_NET6,
+        MAP_DECISIONS,
+        MAP_COUNTERS,
+        MAP_EVENTS,
+        MAP_DNS_ORIGINS,
+        MAP_LEARN4,
+        MAP_LEARN6,
+        MAP_FILES,
+        MAP_PENDING,
+        MAP_FILE_FILTER,
+        MAP_PENDING_SCRATCH,
+    ];
     /// The read-only global with the cgroup level of the attach point: LSM programs
     /// run for every task and compare the caller's ancestor at that level.
     pub const GLOBAL_CGROUP_LEVEL: &str = "ENF_CGROUP_LEVEL";
@@ -384,22 +409,45 @@ pub mod dns {
     pub const MAX_REDIRECTED_SOCKETS: u32 = 65_536;
 }
 
-/// One decision, as the kernel reports it through `ENF_EVENTS`.
+/// What follows an `EventHeader` in a record of `ENF_EVENTS`.
+pub mod record {
+    /// A `NetEvent`: a network decision.
+    pub const NET: u8 = 1;
+    /// A `FileEvent`: a file decision.
+    pub const FILE: u8 = 2;
+}
+
+/// The first fields of every record in `ENF_EVENTS`: who decided what, and which record
+/// kind follows (`record::*`). Kind 0 is no record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct NetEvent {
+pub struct EventHeader {
     /// `bpf_ktime_get_boot_ns`: CLOCK_BOOTTIME in nanoseconds.
     pub boot_ns: u64,
+    /// The task's own cgroup (may be below the attach point).
     pub cgroup_id: u64,
     /// Thread id and process id (tgid) of the caller.
     pub tid: u32,
     pub pid: u32,
     pub uid: u32,
     pub slot: u32,
-    /// 1-based rule index into the policy's compiled rules; 0 = the default decided.
+    /// 1-based rule index into the policy's compiled rules (or its file rules); 0 = the
+    /// default decided; `RULE_ISOLATED` and `RULE_FAIL_CLOSED` for the kill switch and a
+    /// binding with no policy.
     pub rule_id: u32,
+    pub kind: u8,
     pub hook: u8,
     pub verdict: u8,
+    pub _pad: u8,
+    pub comm: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<EventHeader>() == 56);
+
+/// A network decision (`record::NET`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetEvent {
+    pub header: EventHeader,
     /// `family::INET` or `family::INET6` as the socket was opened. An IPv4-mapped IPv6
     /// destination is reported as family INET6 with the mapped address in `addr`.
     pub family: u8,
@@ -409,10 +457,9 @@ pub struct NetEvent {
     pub port: u16,
     /// Socket type (1 stream, 2 dgram, 3 raw), for `sock_create` events.
     pub sock_type: u16,
+    pub _pad: u16,
     /// Destination address: 4 bytes for INET, 16 for INET6.
     pub addr: [u8; 16],
-    pub comm: [u8; 16],
-    pub _pad: u32,
 }
 const _: () = assert!(core::mem::size_of::<NetEvent>() == 80);
 
@@ -571,24 +618,14 @@ pub struct KernelOffsets {
 
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 19 * 4);
 
-/// One file decision, as the kernel reports it through `ENF_EVENTS` (told apart from
-/// `NetEvent` by its size).
+/// A file decision (`record::FILE`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FileEvent {
-    pub boot_ns: u64,
-    pub cgroup_id: u64,
+    pub header: EventHeader,
     pub ino: u64,
-    pub tid: u32,
-    pub pid: u32,
-    pub uid: u32,
-    pub slot: u32,
-    /// 1-based index into the policy's file rules; 0 = the default decided.
-    pub rule_id: u32,
     /// Kernel-encoded device (major << 20 | minor).
     pub dev: u32,
-    pub hook: u8,
-    pub verdict: u8,
     /// `access` bits asked for.
     pub requested: u8,
     /// Which change (`change::*`) for `hook::FILE_CHANGE`.
@@ -597,8 +634,6 @@ pub struct FileEvent {
     /// `truncated`.
     pub parts: u8,
     pub truncated: u8,
-    pub _pad: [u8; 2],
-    pub comm: [u8; 16],
     pub path: [[u8; limits::EVENT_PART_LEN]; limits::EVENT_PATH_PARTS],
 }
 const _: () = assert!(core::mem::size_of::<FileEvent>() == 72 + limits::EVENT_PART_LEN * limits::EVENT_PATH_PARTS);

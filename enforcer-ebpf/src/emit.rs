@@ -4,7 +4,7 @@ use aya_ebpf::helpers::generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot
 use aya_ebpf::helpers::{
     bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_probe_read_kernel_str_bytes,
 };
-use enforcer_common::{FileEvent, KernelOffsets, NetEvent, counter, decision_index, limits};
+use enforcer_common::{EventHeader, FileEvent, KernelOffsets, NetEvent, counter, decision_index, limits, record};
 
 use crate::{
     kmem::{read_ptr, read_u32, read_u64},
@@ -49,24 +49,30 @@ pub fn emit_event(d: &Decision) {
     };
     let pid_tgid = bpf_get_current_pid_tgid();
     let event = NetEvent {
-        boot_ns: unsafe { bpf_ktime_get_boot_ns() },
-        // Looked up only here, off the hot allow path: names the task's own cgroup,
-        // which may be below the attach point.
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        tid: pid_tgid as u32,
-        pid: (pid_tgid >> 32) as u32,
-        uid: bpf_get_current_uid_gid() as u32,
-        slot: d.slot,
-        rule_id: d.rule_id,
-        hook: d.hook,
-        verdict: d.verdict,
+        header: EventHeader {
+            // SAFETY: a helper with no arguments.
+            boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+            // Looked up only here, off the hot allow path: names the task's own cgroup,
+            // which may be below the attach point.
+            // SAFETY: a helper with no arguments.
+            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+            tid: pid_tgid as u32,
+            pid: (pid_tgid >> 32) as u32,
+            uid: bpf_get_current_uid_gid() as u32,
+            slot: d.slot,
+            rule_id: d.rule_id,
+            kind: record::NET,
+            hook: d.hook,
+            verdict: d.verdict,
+            _pad: 0,
+            comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        },
         family: d.family,
         protocol: d.protocol,
         port: d.port,
         sock_type: d.sock_type,
-        addr: d.addr,
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
         _pad: 0,
+        addr: d.addr,
     };
     entry.write(event);
     entry.submit(0);
@@ -96,26 +102,29 @@ pub fn emit_file_event(d: &FileDecision, o: &KernelOffsets, dentry: *const u8, v
     let sb = read_ptr(inode, o.inode_i_sb);
     // Field by field, scalars only: array assignments into ring-buffer memory become
     // calls to a `memset` subprogram, which LSM programs cannot pass that memory to.
+    // SAFETY: `event` points at a reserved record of FileEvent's size, ours until
+    // submitted; the helpers take no pointers but `comm`, which is 16 bytes inside it.
     unsafe {
-        (*event).boot_ns = bpf_ktime_get_boot_ns();
-        (*event).cgroup_id = bpf_get_current_cgroup_id();
+        let header = core::ptr::addr_of_mut!((*event).header);
+        (*header).boot_ns = bpf_ktime_get_boot_ns();
+        (*header).cgroup_id = bpf_get_current_cgroup_id();
+        (*header).tid = pid_tgid as u32;
+        (*header).pid = (pid_tgid >> 32) as u32;
+        (*header).uid = bpf_get_current_uid_gid() as u32;
+        (*header).slot = d.slot;
+        (*header).rule_id = d.rule_id;
+        (*header).kind = record::FILE;
+        (*header).hook = d.hook;
+        (*header).verdict = d.verdict;
+        (*header)._pad = 0;
         (*event).ino = read_u64(inode, o.inode_i_ino);
         (*event).dev = read_u32(sb, o.super_block_s_dev);
-        (*event).tid = pid_tgid as u32;
-        (*event).pid = (pid_tgid >> 32) as u32;
-        (*event).uid = bpf_get_current_uid_gid() as u32;
-        (*event).slot = d.slot;
-        (*event).rule_id = d.rule_id;
-        (*event).hook = d.hook;
-        (*event).verdict = d.verdict;
         (*event).requested = d.requested;
         (*event).change = d.change;
         (*event).truncated = 0;
-        (*event)._pad[0] = 0;
-        (*event)._pad[1] = 0;
-        let comm = core::ptr::addr_of_mut!((*event).comm);
+        let comm = core::ptr::addr_of_mut!((*header).comm);
         if aya_ebpf::helpers::generated::bpf_get_current_comm(comm.cast(), 16) != 0 {
-            (*event).comm[0] = 0;
+            (*header).comm[0] = 0;
         }
     }
     let mut dentry = dentry;

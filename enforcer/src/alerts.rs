@@ -11,9 +11,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::{Value, json};
-
-use crate::policy::Alerts;
+use crate::{
+    events::{AlertDetail, Category, Enforcer, Event, EventInfo, Kind, Rule, Type},
+    model::policy::Alerts,
+};
 
 pub struct Detector {
     seen_dir: PathBuf,
@@ -30,10 +31,10 @@ impl Detector {
     }
 
     /// The alerts `event` raises under `alerts`, observed at `now`.
-    pub fn observe(&mut self, event: &Value, alerts: &Alerts, now: Instant) -> Vec<Value> {
+    pub fn observe(&mut self, event: &Event, alerts: &Alerts, now: Instant) -> Vec<Event> {
         let mut out = Vec::new();
-        let verdict = event.pointer("/enforcer/verdict").and_then(Value::as_str).unwrap_or("");
-        let cgroup = event.pointer("/cgroup/id").and_then(Value::as_u64).unwrap_or(0);
+        let verdict = event.verdict();
+        let cgroup = event.cgroup.as_ref().and_then(|c| c.id).unwrap_or(0);
         if let (Some(burst), "deny" | "audit-deny") = (alerts.denial_burst, verdict) {
             let window = Duration::from_secs(burst.window_secs);
             let recent = self.denials.entry(cgroup).or_default();
@@ -45,23 +46,21 @@ impl Detector {
             if recent.len() >= burst.count as usize && quiet {
                 self.last_burst.insert(cgroup, now);
                 let message = format!("{} denials within {}s", recent.len(), burst.window_secs);
-                out.push(alert(
-                    event,
-                    "denial-burst",
-                    &message,
-                    json!({ "count": recent.len(), "window_secs": burst.window_secs }),
-                ));
+                let detail = AlertDetail { count: Some(recent.len()), window_secs: Some(burst.window_secs) };
+                out.push(alert(event, "denial-burst", message, detail));
             }
         }
-        let is_connect = event.pointer("/event/action").and_then(Value::as_str) == Some("network-connect");
-        if alerts.new_destination && verdict == "allow" && is_connect {
-            let policy = event.pointer("/policy/name").and_then(Value::as_str).unwrap_or("").to_string();
-            let ip = event.pointer("/destination/ip").and_then(Value::as_str).unwrap_or("");
-            let port = event.pointer("/destination/port").and_then(Value::as_u64).unwrap_or(0);
-            let destination = format!("{ip} {port}");
+        let is_connect = event.event.action == "network-connect";
+        if alerts.new_destination
+            && verdict == "allow"
+            && is_connect
+            && let Some(dest) = &event.destination
+        {
+            let policy = event.policy.as_ref().and_then(|p| p.name.clone()).unwrap_or_default();
+            let destination = format!("{} {}", dest.ip, dest.port);
             if self.first_sight(&policy, &destination) {
-                let message = format!("first connection of policy {policy} to {ip} port {port}");
-                out.push(alert(event, "new-destination", &message, json!({})));
+                let message = format!("first connection of policy {policy} to {} port {}", dest.ip, dest.port);
+                out.push(alert(event, "new-destination", message, AlertDetail::default()));
             }
         }
         out
@@ -90,34 +89,56 @@ impl Detector {
     }
 }
 
-/// An alert document built from the event that raised it.
-fn alert(event: &Value, rule: &str, message: &str, detail: Value) -> Value {
-    let mut doc = json!({
-        "@timestamp": event["@timestamp"],
-        "event": { "kind": "alert", "category": ["network"], "action": rule, "type": ["info"] },
-        "message": message,
-        "rule": { "name": rule },
-        "enforcer": { "alert": detail },
-    });
-    for field in ["policy", "cgroup", "process", "user", "host", "destination"] {
-        if let Some(v) = event.get(field) {
-            doc[field] = v.clone();
-        }
+/// An alert built from the event that raised it: who, where, under which policy.
+fn alert(event: &Event, rule: &str, message: String, detail: AlertDetail) -> Event {
+    Event {
+        timestamp: event.timestamp.clone(),
+        event: EventInfo {
+            kind: Kind::Alert,
+            category: [Category::Network],
+            action: rule.into(),
+            kind_of: [Type::Info],
+            outcome: None,
+            reason: None,
+        },
+        message: Some(message),
+        rule: Some(Rule { name: rule.into(), id: None }),
+        enforcer: Some(Enforcer { alert: Some(detail), ..Enforcer::default() }),
+        policy: event.policy.clone(),
+        cgroup: event.cgroup.clone(),
+        process: event.process.clone(),
+        user: event.user.clone(),
+        host: event.host.clone(),
+        destination: event.destination.clone(),
+        ..Event::default()
     }
-    doc
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::Burst;
+    use crate::{
+        events::{Cgroup, Destination, PolicyRef},
+        model::policy::Burst,
+    };
 
-    fn denial(cgroup: u64) -> Value {
-        json!({"@timestamp": "t", "enforcer": {"verdict": "deny"}, "event": {"action": "network-connect"}, "cgroup": {"id": cgroup}, "policy": {"name": "p"}})
+    fn decision(verdict: &'static str, cgroup: u64) -> Event {
+        Event {
+            timestamp: "t".into(),
+            event: EventInfo::decision(Category::Network, "network-connect", verdict == "deny"),
+            enforcer: Some(Enforcer { verdict: Some(verdict), ..Enforcer::default() }),
+            cgroup: Some(Cgroup { path: "/t".into(), id: Some(cgroup) }),
+            policy: Some(PolicyRef { name: Some("p".into()), mode: None }),
+            ..Event::default()
+        }
     }
 
-    fn allowed(ip: &str, port: u16) -> Value {
-        json!({"@timestamp": "t", "enforcer": {"verdict": "allow"}, "event": {"action": "network-connect"}, "cgroup": {"id": 1}, "policy": {"name": "p"}, "destination": {"ip": ip, "port": port}})
+    fn denial(cgroup: u64) -> Event {
+        decision("deny", cgroup)
+    }
+
+    fn allowed(ip: &str, port: u16) -> Event {
+        Event { destination: Some(Destination { ip: ip.into(), port }), ..decision("allow", 1) }
     }
 
     fn dir(name: &str) -> PathBuf {
@@ -137,8 +158,8 @@ mod tests {
         assert!(d.observe(&denial(2), &alerts, at(1)).is_empty(), "other cgroups count on their own");
         let fired = d.observe(&denial(1), &alerts, at(2));
         assert_eq!(fired.len(), 1, "the 3rd denial within 10s fires");
-        assert_eq!(fired[0]["event"]["kind"], "alert");
-        assert_eq!(fired[0]["event"]["action"], "denial-burst");
+        assert_eq!(fired[0].event.kind, Kind::Alert);
+        assert_eq!(fired[0].event.action, "denial-burst");
         assert!(d.observe(&denial(1), &alerts, at(3)).is_empty(), "one alert per window");
         // Old denials leave the window: 3 new ones are needed again.
         assert!(d.observe(&denial(1), &alerts, at(30)).is_empty());
@@ -154,7 +175,7 @@ mod tests {
         let mut d = Detector::new(seen.clone());
         let fired = d.observe(&allowed("10.0.0.1", 443), &alerts, now);
         assert_eq!(fired.len(), 1);
-        assert_eq!(fired[0]["destination"]["port"], 443);
+        assert_eq!(fired[0].destination.as_ref().map(|d| d.port), Some(443));
         assert!(d.observe(&allowed("10.0.0.1", 443), &alerts, now).is_empty());
         assert_eq!(d.observe(&allowed("10.0.0.1", 80), &alerts, now).len(), 1, "another port is another destination");
         let mut restarted = Detector::new(seen.clone());

@@ -1,27 +1,22 @@
-//! enforcer: the user-space controller. Pure modules (`policy`, `compile`) turn YAML
-//! into kernel table entries and never touch the kernel; `loader` is the only module
-//! that uses aya; the rest wire them to the command line, events and metrics.
+//! enforcer: the user-space controller. Layers, each importing only those below it:
+//!
+//! - `cli` (clap definitions) and `cmd` (the commands) on top;
+//! - `session`: confining a cgroup, the file backend, spawning the agent, the event loop;
+//! - `bpf` (the only user of aya), `dns` (the proxy), `fanotify` (the fallback file
+//!   backend), `events` (kernel records to typed ECS events), `sinks` (where events go),
+//!   and the leaves `alerts` and `metrics`;
+//! - `model` (pure: YAML policy in, table entries out), `state` (/run/enforcer) and
+//!   `host` (cgroups, users, clocks), over `enforcer_common`.
 pub mod alerts;
-pub mod audit;
-pub mod btf;
-pub mod cgroup;
-pub mod compile;
-pub mod controller;
+pub mod bpf;
+pub mod cli;
+pub mod cmd;
 pub mod dns;
-pub mod doctor;
 pub mod events;
 pub mod fanotify;
-pub mod files;
-pub mod grants;
-pub mod learned;
-pub mod loader;
+pub mod host;
 pub mod metrics;
-pub mod policy;
-pub mod probe;
+pub mod model;
+pub mod session;
 pub mod sinks;
-
-use std::sync::atomic::AtomicU64;
-
-/// Policy reloads (SIGHUP) that were applied, and that were refused.
-pub static POLICY_RELOADS: AtomicU64 = AtomicU64::new(0);
-pub static POLICY_RELOAD_FAILURES: AtomicU64 = AtomicU64::new(0);
+pub mod state;

@@ -1,14 +1,73 @@
-//! Prometheus metrics, read from the pinned kernel counters at every scrape (so they
-//! survive controller restarts), served as text at `/metrics`.
-use std::sync::LazyLock;
+//! Prometheus metrics served as text at `/metrics`. A leaf: the process's own counters
+//! (sinks, DNS proxy, reloads) are recorded here by their owners, and the kernel's
+//! pinned counters come from a `KernelCounters` snapshot the server's owner reads at
+//! every scrape (so they survive controller restarts).
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc, LazyLock, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use prometheus::{
     Encoder as _, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::loader::{self, Tables};
-use enforcer_common::{counter, hook, verdict};
+use enforcer_common::{hook, verdict};
+
+/// Policy reloads (SIGHUP) that were applied, and that were refused.
+pub static POLICY_RELOADS: AtomicU64 = AtomicU64::new(0);
+pub static POLICY_RELOAD_FAILURES: AtomicU64 = AtomicU64::new(0);
+
+/// A sink's (written, dropped) counters.
+type SinkCounters = (Arc<AtomicU64>, Arc<AtomicU64>);
+
+fn sinks() -> &'static Mutex<BTreeMap<String, SinkCounters>> {
+    static SINKS: LazyLock<Mutex<BTreeMap<String, SinkCounters>>> = LazyLock::new(Default::default);
+    &SINKS
+}
+
+/// The (written, dropped) counters of the sink `name`, created on first use.
+pub fn sink_counters(name: &str) -> SinkCounters {
+    let mut table = sinks().lock().expect("sink counters lock");
+    table.entry(name.to_string()).or_insert_with(|| (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)))).clone()
+}
+
+/// Counts an event dropped before reaching the sinks (a full internal queue), under
+/// `name` in the same table as the sinks' own drops.
+pub fn count_dropped(name: &str) {
+    sink_counters(name).1.fetch_add(1, Ordering::Relaxed);
+}
+
+/// (sink, written, dropped) for every sink this process started.
+pub fn sink_counts() -> Vec<(String, u64, u64)> {
+    let table = sinks().lock().expect("sink counters lock");
+    table.iter().map(|(name, (w, d))| (name.clone(), w.load(Ordering::Relaxed), d.load(Ordering::Relaxed))).collect()
+}
+
+/// The kernel's pinned counters at one moment.
+#[derive(Clone, Debug, Default)]
+pub struct KernelCounters {
+    pub cgroups: Vec<CgroupCounters>,
+    pub events_lost: u64,
+    pub fail_closed: u64,
+    pub files_full: u64,
+}
+
+/// One confined cgroup: its policy and the decisions of its slot, `(hook, verdict, n)`.
+#[derive(Clone, Debug, Default)]
+pub struct CgroupCounters {
+    pub cgroup: String,
+    pub policy: String,
+    pub mode: String,
+    pub isolated: bool,
+    pub decisions: Vec<(u8, u8, u64)>,
+}
+
+/// Reads the kernel's counters at a scrape (`None` when nothing is attached).
+pub type KernelSource = Arc<dyn Fn() -> Option<KernelCounters> + Send + Sync>;
 
 /// DNS proxy outcomes. The proxy lives in this process, so these are process-wide
 /// collectors, registered into every scrape's registry (unlike the kernel counters,
@@ -45,7 +104,7 @@ pub fn set_dns_learned(policy: &str, n: usize) {
 }
 
 /// Renders the current metrics in the Prometheus text format.
-pub fn render() -> String {
+pub fn render(kernel: Option<&KernelCounters>) -> String {
     let registry = Registry::new();
     let decisions = IntCounterVec::new(
         Opts::new("enforcer_decisions_total", "Decisions by policy, hook and verdict"),
@@ -98,13 +157,13 @@ pub fn render() -> String {
     registry.register(Box::new(build.clone())).expect("unique metric");
     use std::sync::atomic::Ordering::Relaxed;
     let mut dropped_total = 0;
-    for (sink, w, d) in crate::sinks::sink_counts() {
+    for (sink, w, d) in sink_counts() {
         written.with_label_values(&[sink.as_str()]).inc_by(w);
         dropped.with_label_values(&[sink.as_str()]).inc_by(d);
         dropped_total += d;
     }
-    reloads.with_label_values(&["ok"]).inc_by(crate::POLICY_RELOADS.load(Relaxed));
-    reloads.with_label_values(&["error"]).inc_by(crate::POLICY_RELOAD_FAILURES.load(Relaxed));
+    reloads.with_label_values(&["ok"]).inc_by(POLICY_RELOADS.load(Relaxed));
+    reloads.with_label_values(&["error"]).inc_by(POLICY_RELOAD_FAILURES.load(Relaxed));
     build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
     for m in [&decisions, &lost] {
         registry.register(Box::new(m.clone())).expect("unique metric");
@@ -118,22 +177,19 @@ pub fn render() -> String {
     registry.register(Box::new(DNS_DROPPED.clone())).expect("unique metric");
     registry.register(Box::new(DNS_LEARNED.clone())).expect("unique metric");
 
-    if let Ok(tables) = Tables::open_pinned() {
-        for (cgroup_id, slot) in tables.confined() {
-            let Some(config) = tables.config(slot) else { continue };
-            let slot_info = loader::read_slot_info(slot).unwrap_or_default();
-            isolated.with_label_values(&[slot_info.cgroup.as_str()]).set(tables.is_isolated(cgroup_id) as i64);
-            let name = config.name_str().to_string();
-            info.with_label_values(&[name.as_str(), slot_info.mode.as_str(), slot_info.cgroup.as_str()]).set(1);
-            for (h, v, count) in tables.decisions(slot) {
+    if let Some(kernel) = kernel {
+        for c in &kernel.cgroups {
+            isolated.with_label_values(&[c.cgroup.as_str()]).set(i64::from(c.isolated));
+            info.with_label_values(&[c.policy.as_str(), c.mode.as_str(), c.cgroup.as_str()]).set(1);
+            for &(h, v, count) in &c.decisions {
                 if count > 0 || v != verdict::AUDIT_DENY {
-                    decisions.with_label_values(&[name.as_str(), hook::name(h), verdict::name(v)]).inc_by(count);
+                    decisions.with_label_values(&[c.policy.as_str(), hook::name(h), verdict::name(v)]).inc_by(count);
                 }
             }
         }
-        lost.with_label_values(&["kernel"]).inc_by(tables.counter(counter::EVENTS_LOST));
-        fail_closed.inc_by(tables.counter(counter::MISSING_POLICY));
-        files_full.inc_by(tables.counter(counter::FILES_FULL));
+        lost.with_label_values(&["kernel"]).inc_by(kernel.events_lost);
+        fail_closed.inc_by(kernel.fail_closed);
+        files_full.inc_by(kernel.files_full);
     } else {
         lost.with_label_values(&["kernel"]).inc_by(0);
     }
@@ -146,9 +202,10 @@ pub fn render() -> String {
 
 /// Serves `/metrics` until the task is dropped. A minimal HTTP/1.1 responder: one
 /// request per connection, which is what Prometheus' scraper sends.
-pub async fn serve(listener: tokio::net::TcpListener) {
+pub async fn serve(listener: tokio::net::TcpListener, kernel: KernelSource) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let kernel = kernel.clone();
         tokio::spawn(async move {
             let mut request = Vec::with_capacity(1024);
             let mut buf = [0u8; 1024];
@@ -160,7 +217,7 @@ pub async fn serve(listener: tokio::net::TcpListener) {
             }
             let first_line = request.split(|&b| b == b'\r').next().unwrap_or_default();
             let (status, body) = if first_line.starts_with(b"GET /metrics") {
-                ("200 OK", tokio::task::spawn_blocking(render).await.unwrap_or_default())
+                ("200 OK", tokio::task::spawn_blocking(move || render(kernel().as_ref())).await.unwrap_or_default())
             } else {
                 ("404 Not Found", "not found: try /metrics\n".to_string())
             };

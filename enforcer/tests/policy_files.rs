@@ -1,7 +1,7 @@
 //! Every example policy under policies/ parses and compiles.
 use std::path::Path;
 
-use enforcer::{compile::compile_policy, policy::parse_policy_file};
+use enforcer::model::{compile_policy, file_tables, parse_policy_file};
 
 #[test]
 fn every_shipped_policy_parses_and_compiles() {
@@ -19,7 +19,7 @@ fn every_shipped_policy_parses_and_compiles() {
             // Against this machine's filesystem, with a home that does not exist yet:
             // every `~` path is then pending, which must compile too.
             let home = std::env::temp_dir().join("enforcer-policy-files-home");
-            enforcer::files::compile(files, &home).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            file_tables::compile(files, &home).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         }
         checked += 1;
     }

@@ -1,7 +1,7 @@
 //! The proxy against a fake upstream on 127.0.0.1. The upstream is an imitation on
 //! purpose: the cases here (a CNAME loop, TC over UDP only, replies with a wrong ID or
 //! question, answers that break the rules) are ones a real resolver will not serve.
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 
 use hickory_proto::{
     op::{Edns, OpCode},
@@ -15,6 +15,24 @@ use hickory_proto::{
 };
 
 use super::*;
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, SocketAddr, SocketAddrV6},
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use hickory_proto::{
+    op::{Header, Message, MessageType, Query, ResponseCode},
+    rr::{DNSClass, Name, RData, RecordType},
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream, UdpSocket},
+    task::JoinSet,
+};
+
+use crate::model::policy::{Action, DnsSettings, DomainPattern};
 
 const EDNS_TEST_OPTION: u16 = 65001;
 const SHORT_TIMEOUT: Duration = Duration::from_millis(300);
@@ -1056,7 +1074,7 @@ async fn metrics_count_queries_and_drops() {
     h.ask(&query(2, "nowhere.test.", RecordType::A), Transport::Udp).await;
     assert_eq!(h.proxy.handle(&[0u8; 3], Transport::Udp).await, None);
     crate::metrics::set_dns_learned("dns-test-policy", 7);
-    let text = crate::metrics::render();
+    let text = crate::metrics::render(None);
     for expected in [
         r#"enforcer_dns_queries_total{reason="allowed",verdict="allowed"}"#,
         r#"enforcer_dns_queries_total{reason="not-allowed",verdict="refused"}"#,

@@ -14,14 +14,17 @@ use std::{
 
 use anyhow::Context as _;
 use enforcer_common::{Clause, LearnedClauses, limits};
-use serde_json::json;
 
+use super::{DnsDecision, DnsVerdict, DomainMatch, Opener, Proxy, ProxyRules};
 use crate::{
-    compile::{domain_rule_id, learned_clauses},
-    dns::{DnsDecision, DnsVerdict, DomainMatch, Opener, Proxy, ProxyRules},
-    grants::boot_now_ns,
-    loader::LearnedTables,
-    policy::{DomainRule, Mode, Policy},
+    bpf::LearnedTables,
+    events::{Category, Cgroup, Dns, DnsQuestion, Enforcer, Event, EventInfo, Host, Network, PolicyRef, Rule},
+    host::{self, boot_now_ns},
+    metrics,
+    model::{
+        compile::{domain_rule_id, learned_clauses},
+        policy::{DomainRule, Mode, Policy},
+    },
     sinks::{Outgoing, Publisher},
 };
 
@@ -72,7 +75,7 @@ pub fn proxy_rules(policy: &Policy) -> anyhow::Result<ProxyRules> {
     let mut settings = policy.dns.clone().unwrap_or_default();
     if settings.upstream.is_empty() {
         let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-        settings.upstream = crate::dns::resolv_conf_servers(&text);
+        settings.upstream = super::resolv_conf_servers(&text);
         if settings.upstream.is_empty() {
             anyhow::bail!("the policy names no dns.upstream and /etc/resolv.conf lists no nameserver");
         }
@@ -254,29 +257,29 @@ impl Opener for KernelOpener {
         if d.verdict == DnsVerdict::Allowed && !view.log_allowed {
             return;
         }
-        let doc = json!({
-            "@timestamp": crate::events::rfc3339_nanos(crate::events::unix_now_ns()),
-            "event": {
-                "kind": "event",
-                "category": ["network"],
-                "action": "dns-query",
-                "type": [if refused { "denied" } else { "allowed" }],
-                "outcome": if refused { "failure" } else { "success" },
-                "reason": d.reason,
-            },
-            "enforcer": { "verdict": d.verdict.as_str(), "hook": "dns-proxy" },
-            "dns": {
-                "question": { "name": d.name, "type": d.qtype },
-                "resolved_ip": d.resolved.iter().map(|ip| ip.to_string()).collect::<Vec<_>>(),
-            },
-            "network": { "transport": d.transport, "protocol": "dns" },
-            "policy": { "name": view.name, "mode": view.mode.to_string() },
-            "rule": { "name": d.rule_name.clone().unwrap_or_else(|| "default".into()), "id": d.rule_id },
-            "cgroup": { "path": self.cgroup, "id": self.cgroup_id },
-            "host": { "name": self.host },
-        });
+        let mut info = EventInfo::decision(Category::Network, "dns-query", refused);
+        info.reason = Some(d.reason.into());
+        let event = Event {
+            timestamp: host::rfc3339_nanos(host::unix_now_ns()),
+            event: info,
+            enforcer: Some(Enforcer {
+                verdict: Some(d.verdict.as_str()),
+                hook: Some("dns-proxy"),
+                ..Enforcer::default()
+            }),
+            dns: Some(Dns {
+                question: DnsQuestion { name: d.name, qtype: d.qtype },
+                resolved_ip: d.resolved.iter().map(IpAddr::to_string).collect(),
+            }),
+            network: Some(Network { transport: d.transport.into(), family: None, protocol: Some("dns") }),
+            policy: Some(PolicyRef { name: Some(view.name.clone()), mode: Some(view.mode.to_string()) }),
+            rule: Some(Rule { name: d.rule_name.unwrap_or_else(|| "default".into()), id: Some(d.rule_id.into()) }),
+            cgroup: Some(Cgroup { path: self.cgroup.clone(), id: Some(self.cgroup_id) }),
+            host: Some(Host { name: self.host.clone() }),
+            ..Event::default()
+        };
         if let Some(publisher) = self.publisher.lock().expect("publisher").as_ref() {
-            publisher.publish(Outgoing::new(&doc));
+            publisher.publish(Outgoing::new(&event));
         }
     }
 }
@@ -304,7 +307,7 @@ pub fn start(
     cgroup_id: u64,
 ) -> anyhow::Result<DnsService> {
     let rules = proxy_rules(policy)?;
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    let host = host::hostname();
     let opener = Arc::new(KernelOpener {
         binding,
         view: RwLock::new(PolicyView::of(policy)),
@@ -351,7 +354,7 @@ pub fn start(
                 loop {
                     tokio::time::sleep(SWEEP_EVERY).await;
                     let open = sweeping.collect_expired();
-                    crate::metrics::set_dns_learned(&policy_name, open);
+                    metrics::set_dns_learned(&policy_name, open);
                 }
             });
             tokio::select! {

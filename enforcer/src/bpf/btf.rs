@@ -1,5 +1,6 @@
-//! A small reader of the kernel's raw BTF (Documentation/bpf/btf.rst), enough to find
-//! struct member offsets, type sizes and LSM hook signatures of the running kernel.
+//! The running kernel's BTF, read once per process (`running_kernel`), and a small
+//! reader of raw BTF (Documentation/bpf/btf.rst) for the one thing aya 0.14's `Btf`
+//! does not expose: struct member offsets.
 //!
 //! The eBPF programs are written in Rust and get no CO-RE relocations, so the
 //! controller reads the offsets they need from `/sys/kernel/btf/vmlinux` at load time
@@ -10,6 +11,7 @@
 use std::collections::HashMap;
 
 use anyhow::Context as _;
+use enforcer_common::KernelOffsets;
 
 /// Where the running kernel exposes its BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -48,8 +50,6 @@ const KIND_ENUM64: u8 = 19;
 pub enum BtfError {
     #[error("BTF has no struct or union named {0:?}")]
     UnknownStruct(String),
-    #[error("BTF has no type named {0:?}")]
-    UnknownType(String),
     #[error("struct {struct_name}: no member {member:?} (looking up {path:?})")]
     UnknownMember { struct_name: String, path: String, member: String },
     #[error("struct {struct_name}: member {member:?} (looking up {path:?}) is a bitfield and has no byte offset")]
@@ -58,8 +58,6 @@ pub enum BtfError {
         "struct {struct_name}: member {member:?} (looking up {path:?}) is a {kind}, not a struct or union, and has no members"
     )]
     NotAStruct { struct_name: String, path: String, member: String, kind: &'static str },
-    #[error("BTF has no function named {0:?}")]
-    UnknownFunc(String),
     #[error("malformed BTF: {0}")]
     Malformed(String),
 }
@@ -126,10 +124,6 @@ pub struct KernelBtf {
     types: Vec<Type>,
     structs: HashMap<Box<str>, u32>,
     unions: HashMap<Box<str>, u32>,
-    typedefs: HashMap<Box<str>, u32>,
-    /// INT, ENUM, ENUM64 and FLOAT, for `type_size`.
-    scalars: HashMap<Box<str>, u32>,
-    funcs: HashMap<Box<str>, u32>,
 }
 
 impl std::fmt::Debug for KernelBtf {
@@ -138,7 +132,6 @@ impl std::fmt::Debug for KernelBtf {
             .field("types", &(self.types.len() - 1))
             .field("structs", &self.structs.len())
             .field("unions", &self.unions.len())
-            .field("funcs", &self.funcs.len())
             .finish_non_exhaustive()
     }
 }
@@ -270,9 +263,6 @@ impl KernelBtf {
             types,
             structs: HashMap::new(),
             unions: HashMap::new(),
-            typedefs: HashMap::new(),
-            scalars: HashMap::new(),
-            funcs: HashMap::new(),
         };
         btf.build_indexes()?;
         Ok(btf)
@@ -281,39 +271,23 @@ impl KernelBtf {
     fn build_indexes(&mut self) -> anyhow::Result<()> {
         let mut structs = HashMap::with_capacity(16 * 1024);
         let mut unions = HashMap::new();
-        let mut typedefs = HashMap::with_capacity(8 * 1024);
-        let mut scalars = HashMap::new();
-        let mut funcs = HashMap::with_capacity(64 * 1024);
         for (id, t) in self.types.iter().enumerate().skip(1) {
-            if t.name_off == 0 {
+            if t.name_off == 0 || !matches!(t.kind, KIND_STRUCT | KIND_UNION) {
                 continue;
             }
-            let map = match t.kind {
-                KIND_STRUCT | KIND_UNION => None,
-                KIND_TYPEDEF => Some(&mut typedefs),
-                KIND_INT | KIND_ENUM | KIND_ENUM64 | KIND_FLOAT => Some(&mut scalars),
-                KIND_FUNC => Some(&mut funcs),
-                _ => continue,
-            };
             let name = self.name(t.name_off).with_context(|| format!("name of type {id} ({})", kind_name(t.kind)))?;
             if name.is_empty() {
                 continue;
             }
             let id = id as u32;
-            match map {
-                // The first definition wins (static functions can share a name).
-                Some(map) => {
-                    map.entry(name.into()).or_insert(id);
-                }
-                None if t.kind == KIND_STRUCT => index_composite(&mut structs, &self.types, name, id),
-                None => index_composite(&mut unions, &self.types, name, id),
+            if t.kind == KIND_STRUCT {
+                index_composite(&mut structs, &self.types, name, id);
+            } else {
+                index_composite(&mut unions, &self.types, name, id);
             }
         }
         self.structs = structs;
         self.unions = unions;
-        self.typedefs = typedefs;
-        self.scalars = scalars;
-        self.funcs = funcs;
         Ok(())
     }
 
@@ -334,11 +308,6 @@ impl KernelBtf {
         self.types
             .get(id as usize)
             .ok_or_else(|| malformed(format!("type id {id} out of range (BTF has {} types)", self.types.len() - 1)))
-    }
-
-    fn extra_u32(&self, t: &Type, i: usize) -> u32 {
-        // In range: checked against the type section when parsing.
-        u32_at(&self.type_data, t.extra as usize + 4 * i).unwrap_or(0)
     }
 
     /// Follows typedef/const/volatile/restrict/type_tag links to the underlying type.
@@ -447,62 +416,64 @@ impl KernelBtf {
         }
         Ok(bits / 8)
     }
+}
 
-    /// Size in bytes of a struct/union/int/typedef'd type by name (follow typedefs).
-    /// Structs are looked up first, then unions, typedefs, and ints/enums/floats.
-    pub fn type_size(&self, name: &str) -> anyhow::Result<u32> {
-        let id = self
-            .composite(name)
-            .or_else(|| self.typedefs.get(name).copied())
-            .or_else(|| self.scalars.get(name).copied())
-            .ok_or_else(|| BtfError::UnknownType(name.to_owned()))?;
-        self.size_of(id).with_context(|| format!("size of type {name:?}"))
-    }
+/// The running kernel's BTF, read once per process: this module's index for struct
+/// member offsets (aya 0.14's `Btf` does not expose members), and aya's own for what
+/// aya takes (LSM attach targets) and function lookups.
+pub struct RunningKernel {
+    members: KernelBtf,
+    pub aya: aya::Btf,
+}
 
-    fn size_of(&self, id: u32) -> anyhow::Result<u32> {
-        let mut id = id;
-        for _ in 0..MAX_CHAIN {
-            let id_r = self.resolve(id)?;
-            let t = self.ty(id_r)?;
-            return match t.kind {
-                KIND_INT | KIND_STRUCT | KIND_UNION | KIND_ENUM | KIND_ENUM64 | KIND_FLOAT | KIND_DATASEC => {
-                    Ok(t.size_or_type)
-                }
-                // The running kernel's pointers are the controller's.
-                KIND_PTR => Ok(std::mem::size_of::<usize>() as u32),
-                KIND_ARRAY => {
-                    let (elem, nelems) = (self.extra_u32(t, 0), self.extra_u32(t, 2));
-                    let size = self.size_of(elem)?;
-                    size.checked_mul(nelems).ok_or_else(|| malformed(format!("array type {id_r} size overflows")))
-                }
-                KIND_VAR => {
-                    id = t.size_or_type;
-                    continue;
-                }
-                kind => anyhow::bail!("type {id_r} is a {} and has no size", kind_name(kind)),
-            };
-        }
-        Err(malformed(format!("type chain from type {id} is too long")))
-    }
+/// Reads and parses `/sys/kernel/btf/vmlinux` on first use; later calls share it.
+pub fn running_kernel() -> Result<&'static RunningKernel, String> {
+    static KERNEL: std::sync::OnceLock<Result<RunningKernel, String>> = std::sync::OnceLock::new();
+    KERNEL
+        .get_or_init(|| {
+            let bytes = std::fs::read(VMLINUX_BTF).map_err(|e| {
+                format!("reading kernel BTF {VMLINUX_BTF} (is the kernel built with CONFIG_DEBUG_INFO_BTF=y?): {e}")
+            })?;
+            let members = KernelBtf::parse(&bytes).map_err(|e| format!("parsing {VMLINUX_BTF}: {e:#}"))?;
+            let aya = aya::Btf::parse(&bytes, aya::Endianness::default())
+                .map_err(|e| format!("parsing {VMLINUX_BTF}: {e}"))?;
+            Ok(RunningKernel { members, aya })
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
 
-    /// Whether a FUNC named `name` exists (e.g. "bpf_lsm_path_mkdir": tells whether an LSM hook exists on this kernel).
+impl RunningKernel {
+    /// Whether the kernel has the function (`bpf_lsm_path_mkdir` tells whether the path
+    /// hooks exist: CONFIG_SECURITY_PATH).
     pub fn has_func(&self, name: &str) -> bool {
-        self.funcs.contains_key(name)
+        self.aya.id_by_type_name_kind(name, aya_obj::btf::BtfKind::Func).is_ok()
     }
 
-    /// Parameter names of the FUNC's prototype, e.g. for "bpf_lsm_inode_setattr" (signatures differ between kernels).
-    /// Unnamed parameters are empty strings.
-    pub fn func_params(&self, name: &str) -> anyhow::Result<Vec<String>> {
-        let id = *self.funcs.get(name).ok_or_else(|| BtfError::UnknownFunc(name.to_owned()))?;
-        let proto_id = self.ty(id)?.size_or_type;
-        let proto = self.ty(proto_id)?;
-        if proto.kind != KIND_FUNC_PROTO {
-            return Err(malformed(format!(
-                "function {name:?} has type {proto_id}, a {}, not a function prototype",
-                kind_name(proto.kind)
-            )));
-        }
-        (0..proto.vlen as usize).map(|i| Ok(self.name(self.extra_u32(proto, 2 * i))?.to_owned())).collect()
+    /// The struct offsets the file programs use.
+    pub fn offsets(&self) -> anyhow::Result<KernelOffsets> {
+        let at = |s: &str, m: &str| self.members.member_offset(s, m);
+        Ok(KernelOffsets {
+            file_f_path_dentry: at("file", "f_path.dentry")?,
+            file_f_path_mnt: at("file", "f_path.mnt")?,
+            file_f_mode: at("file", "f_mode")?,
+            path_dentry: at("path", "dentry")?,
+            path_mnt: at("path", "mnt")?,
+            dentry_d_parent: at("dentry", "d_parent")?,
+            dentry_d_inode: at("dentry", "d_inode")?,
+            dentry_d_name_name: at("dentry", "d_name.name")?,
+            inode_i_ino: at("inode", "i_ino")?,
+            inode_i_sb: at("inode", "i_sb")?,
+            super_block_s_dev: at("super_block", "s_dev")?,
+            mount_mnt: at("mount", "mnt")?,
+            mount_mnt_parent: at("mount", "mnt_parent")?,
+            mount_mnt_mountpoint: at("mount", "mnt_mountpoint")?,
+            linux_binprm_file: at("linux_binprm", "file")?,
+            file_f_inode: at("file", "f_inode")?,
+            inode_i_dentry: at("inode", "i_dentry")?,
+            dentry_d_alias: at("dentry", "d_u.d_alias")?,
+            valid: 1,
+        })
     }
 }
 
@@ -658,19 +629,6 @@ mod tests {
         assert_eq!(off("inner", "b"), 4);
         assert_eq!(off("dup", "d"), 8);
         assert_eq!(off("oldbits", "lo"), 0);
-
-        assert_eq!(btf.type_size("outer").unwrap(), 80);
-        assert_eq!(btf.type_size("outer_t").unwrap(), 80);
-        assert_eq!(btf.type_size("inner_t").unwrap(), 8);
-        assert_eq!(btf.type_size("int").unwrap(), 4);
-        assert_eq!(btf.type_size("long").unwrap(), 8);
-        assert_eq!(btf.type_size("dup").unwrap(), 16);
-
-        assert!(btf.has_func("bpf_lsm_test"));
-        assert!(!btf.has_func("bpf_lsm_nope"));
-        assert!(!btf.has_func("outer"));
-        assert_eq!(btf.func_params("bpf_lsm_test").unwrap(), ["file", "mask", ""]);
-        assert!(btf.func_params("noargs").unwrap().is_empty());
     }
 
     #[test]
@@ -717,8 +675,6 @@ mod tests {
                 kind: "pointer"
             }
         );
-        assert_eq!(err_of(btf.type_size("nosuch")), BtfError::UnknownType("nosuch".into()));
-        assert_eq!(err_of(btf.func_params("nosuch")), BtfError::UnknownFunc("nosuch".into()));
         let msg = format!("{:#}", btf.member_offset("outer", "in.c").unwrap_err());
         assert!(msg.contains("outer") && msg.contains("in.c"), "{msg}");
         let msg = format!("{:#}", btf.member_offset("outer", "bits").unwrap_err());
@@ -745,8 +701,7 @@ mod tests {
         assert!(msg.contains("unknown kind 30"), "{msg}");
         // Empty type section is fine.
         let empty = Builder::new().build();
-        let btf = KernelBtf::parse(&empty).unwrap();
-        assert!(!btf.has_func("x"));
+        KernelBtf::parse(&empty).unwrap();
     }
 
     fn running_kernel() -> Option<KernelBtf> {
@@ -785,14 +740,6 @@ mod tests {
         ] {
             println!("{s}.{p} = {}", off(s, p));
         }
-        assert_eq!(btf.type_size("list_head").unwrap(), 16);
-        assert_eq!(btf.type_size("u64").unwrap(), 8);
-        assert_eq!(btf.type_size("dev_t").unwrap(), 4);
-        assert!(btf.type_size("file").unwrap() > off("file", "f_path"));
-        assert!(btf.has_func("bpf_lsm_file_open"));
-        assert!(!btf.has_func("bpf_lsm_no_such_hook"));
-        assert_eq!(btf.func_params("bpf_lsm_file_open").unwrap(), ["file"]);
-        println!("bpf_lsm_inode_setattr{:?}", btf.func_params("bpf_lsm_inode_setattr").unwrap());
         assert!(matches!(err_of(btf.member_offset("dentry", "d_nope")), BtfError::UnknownMember { .. }));
     }
 

@@ -14,7 +14,7 @@ use std::{
 
 use enforcer_common::{FileEntry, access, limits};
 
-use crate::policy::{Action, FileList, FilePolicy};
+use super::policy::{Action, FileList, FilePolicy};
 
 /// Regular files with more than one link found under denied trees, at most this many
 /// entries are listed (a walk bound; a denied tree is expected to be small: ~/.ssh).
@@ -50,8 +50,8 @@ pub struct FileTables {
 
 /// The kernel's encoding of a device number (`MKDEV`), from a userspace `st_dev`.
 pub fn kernel_dev(st_dev: u64) -> u32 {
-    let major = libc::major(st_dev) as u32;
-    let minor = libc::minor(st_dev) as u32;
+    let major = nix::sys::stat::major(st_dev) as u32;
+    let minor = nix::sys::stat::minor(st_dev) as u32;
     (major << 20) | (minor & 0xf_ffff)
 }
 
@@ -265,7 +265,7 @@ pub fn judge_path(tables: &FileTables, path: &Path, requested: u8) -> FileVerdic
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::parse_policy_str;
+    use crate::model::parse::parse_policy_str;
     use enforcer_common::access::{EXEC, READ, WRITE};
 
     struct Dir(PathBuf);
@@ -376,7 +376,7 @@ mod tests {
 
     #[test]
     fn kernel_dev_encodes_major_and_minor() {
-        assert_eq!(kernel_dev(libc::makedev(8, 1)), (8 << 20) | 1);
-        assert_eq!(kernel_dev(libc::makedev(259, 70000)), (259 << 20) | 70000);
+        assert_eq!(kernel_dev(nix::sys::stat::makedev(8, 1)), (8 << 20) | 1);
+        assert_eq!(kernel_dev(nix::sys::stat::makedev(259, 70000)), (259 << 20) | 70000);
     }
 }

@@ -5,7 +5,14 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use crate::{cgroup, loader};
+use crate::{
+    bpf::{
+        self, ProgramSet,
+        programs::{ProbeKind, probe_program_type},
+    },
+    fanotify::Fanotify,
+    host::{self, cgroup},
+};
 
 /// One line of the report.
 struct Check {
@@ -25,25 +32,6 @@ fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
-fn is_bpffs(path: &str) -> bool {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    let c = std::ffi::CString::new(path).expect("static path");
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
-}
-
-fn fanotify_permission_events() -> Result<String, String> {
-    // FAN_CLASS_CONTENT is the class that may answer permission events.
-    const FAN_CLOEXEC: u32 = 0x1;
-    const FAN_CLASS_CONTENT: u32 = 0x4;
-    let fd = unsafe { libc::fanotify_init(FAN_CLASS_CONTENT | FAN_CLOEXEC, libc::O_RDONLY as u32) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error().to_string());
-    }
-    unsafe { libc::close(fd) };
-    Ok("fanotify_init(FAN_CLASS_CONTENT) works: permission events available".into())
-}
-
 /// Runs every check; `report.checks` in order, then what attach would use.
 pub fn run() -> Value {
     let mut checks = vec![
@@ -54,7 +42,7 @@ pub fn run() -> Value {
         ),
         check(
             "bpffs",
-            if is_bpffs("/sys/fs/bpf") {
+            if host::is_bpffs("/sys/fs/bpf") {
                 Ok("mounted at /sys/fs/bpf".into())
             } else {
                 Err("not mounted at /sys/fs/bpf (attach mounts it)".into())
@@ -77,13 +65,13 @@ pub fn run() -> Value {
             },
         ),
     ];
-    let sock_addr = loader::probe_program_type(loader::ProbeKind::CgroupSockAddr);
-    let sock = loader::probe_program_type(loader::ProbeKind::CgroupSock);
-    let lsm_minimal = loader::probe_program_type(loader::ProbeKind::Lsm);
+    let sock_addr = probe_program_type(ProbeKind::CgroupSockAddr);
+    let sock = probe_program_type(ProbeKind::CgroupSock);
+    let lsm_minimal = probe_program_type(ProbeKind::Lsm);
     // The minimal program says whether the kernel takes LSM programs at all; the real
     // set (14 hooks, with this kernel's offsets) is what attach needs.
-    let lsm = lsm_minimal.clone().and_then(|()| loader::ProgramSet::probe_file_programs());
-    let fanotify = fanotify_permission_events();
+    let lsm = lsm_minimal.clone().and_then(|()| ProgramSet::probe_file_programs());
+    let fanotify = Fanotify::probe().map(|()| "permission events and filesystem marks available".to_string());
     let network_ok = sock_addr.is_ok() && sock.is_ok() && checks[1].ok;
     let loads = |r: &Result<(), String>| r.clone().map(|()| "loads".to_string());
     checks.push(check("cgroup/connect4 program", loads(&sock_addr)));
@@ -92,8 +80,9 @@ pub fn run() -> Value {
     checks.push(check("enforcer file programs", loads(&lsm)));
     // Tree changes (create, unlink, rename, ...) are judged by the path_* hooks, which
     // exist only with CONFIG_SECURITY_PATH.
-    let path_hooks = crate::btf::KernelBtf::from_running_kernel().map_err(|e| format!("{e:#}")).and_then(|btf| {
-        btf.has_func("bpf_lsm_path_mkdir")
+    let path_hooks = bpf::btf::running_kernel().and_then(|kernel| {
+        kernel
+            .has_func("bpf_lsm_path_mkdir")
             .then(|| "present (CONFIG_SECURITY_PATH)".to_string())
             .ok_or_else(|| "absent: tree changes would not be judged".to_string())
     });

@@ -1,16 +1,16 @@
 //! Time-limited grants: extra allow rules for one cgroup that lapse in the kernel at
-//! their expiry (`Clause::expires_at`), whether or not a controller is running. Stored
-//! per cgroup beside the other state so that `grant`, `revoke` and a re-attach can
-//! recompile the cgroup's policy with the grants still live.
-use std::{
-    fs, io,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+//! their expiry (`Clause::expires_at`), whether or not a controller is running. The
+//! grants of each cgroup are kept by `state`, so that `grant`, `revoke` and a re-attach
+//! can recompile the cgroup's policy with the grants still live.
+use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{IpNet, NetRule, Policy};
+use super::{
+    parse::parse_duration,
+    policy::{NetRule, Policy, parse_net},
+};
 
 /// The longest grant: a grant is a stopgap; a standing need belongs in the policy.
 pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -40,54 +40,19 @@ pub fn parse_allow(spec: &str) -> Result<(IpNet, Vec<(u16, u16)>), String> {
         if sa.port() == 0 {
             return Err(format!("{spec:?}: port 0 is not a port"));
         }
-        return Ok((IpNet::parse(&sa.ip().to_string())?, vec![(sa.port(), sa.port())]));
+        return Ok((parse_net(&sa.ip().to_string())?, vec![(sa.port(), sa.port())]));
     }
-    IpNet::parse(spec).map(|net| (net, Vec::new())).map_err(|e| format!("{e} (expected CIDR, IP or IP:PORT)"))
+    parse_net(spec).map(|net| (net, Vec::new())).map_err(|e| format!("{e} (expected CIDR, IP or IP:PORT)"))
 }
 
 /// `90`, `90s`, `10m`, `2h` (a bare number is seconds).
 pub fn parse_ttl(text: &str) -> Result<Duration, String> {
     let with_unit = if text.bytes().all(|b| b.is_ascii_digit()) { format!("{text}s") } else { text.to_string() };
-    let ttl = Duration::from_secs(crate::policy::parse_duration_secs(&with_unit, "TTL")?);
+    let ttl = parse_duration(&with_unit, "TTL")?;
     if ttl.is_zero() || ttl > MAX_TTL {
         return Err(format!("TTL {text:?} must be between 1s and {}h", MAX_TTL.as_secs() / 3600));
     }
     Ok(ttl)
-}
-
-/// CLOCK_BOOTTIME now, the clock the kernel checks expiries against.
-pub fn boot_now_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn path_for(cgroup_id: u64) -> PathBuf {
-    Path::new(crate::loader::STATE_DIR).join("grants").join(format!("{cgroup_id}.json"))
-}
-
-/// The grants of a cgroup that have not expired.
-pub fn live(cgroup_id: u64) -> Vec<Grant> {
-    let now = boot_now_ns();
-    fs::read(path_for(cgroup_id))
-        .ok()
-        .and_then(|bytes| serde_json::from_slice::<Vec<Grant>>(&bytes).ok())
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|g| g.expires_at > now)
-        .collect()
-}
-
-pub fn save(cgroup_id: u64, grants: &[Grant]) -> io::Result<()> {
-    let path = path_for(cgroup_id);
-    if grants.is_empty() {
-        return match fs::remove_file(&path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        };
-    }
-    fs::create_dir_all(path.parent().expect("has a parent"))?;
-    fs::write(&path, serde_json::to_vec_pretty(grants).expect("serializable"))
 }
 
 /// The policy with the grants added as expiring allow rules.
@@ -112,7 +77,7 @@ mod tests {
         assert_eq!(parse_allow("10.0.0.0/8").unwrap().1, vec![]);
         assert_eq!(
             parse_allow("127.0.0.1:8080").unwrap(),
-            (IpNet::V4 { addr: [127, 0, 0, 1], len: 32 }, vec![(8080, 8080)])
+            ("127.0.0.1/32".parse::<IpNet>().unwrap(), vec![(8080, 8080)])
         );
         assert_eq!(parse_allow("[::1]:443").unwrap().0.to_string(), "::1/128");
         assert!(parse_allow("~/.ssh:read").unwrap_err().contains("file grants are not supported yet"));

@@ -30,23 +30,12 @@ pub enum CgroupError {
     DotDot(String),
 }
 
-/// The cgroup v2 mount point, read from mountinfo (hybrid hosts mount it at
-/// /sys/fs/cgroup/unified, pure v2 hosts at /sys/fs/cgroup).
+/// The cgroup v2 mount point (hybrid hosts mount it at /sys/fs/cgroup/unified, pure v2
+/// hosts at /sys/fs/cgroup).
 pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
-    let info = fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|source| CgroupError::Io { path: "/proc/self/mountinfo".into(), source })?;
-    parse_cgroup2_mount(&info).ok_or(CgroupError::NoCgroup2)
-}
-
-fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        // Fields: id parent major:minor root mountpoint options [optional...] - fstype ...
-        let (left, right) = line.split_once(" - ")?;
-        let fstype = right.split_whitespace().next()?;
-        if fstype != "cgroup2" {
-            return None;
-        }
-        Some(PathBuf::from(left.split_whitespace().nth(4)?))
+    enforcer_common::host::cgroup2_mount().map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => CgroupError::NoCgroup2,
+        _ => CgroupError::Io { path: "/proc/self/mountinfo".into(), source: e },
     })
 }
 
@@ -149,16 +138,6 @@ pub fn find_by_id(under: &Path, id: u64) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn finds_cgroup2_on_hybrid_and_unified_hosts() {
-        let hybrid = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
-                      41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
-        assert_eq!(parse_cgroup2_mount(hybrid), Some("/sys/fs/cgroup/unified".into()));
-        let unified = "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
-        assert_eq!(parse_cgroup2_mount(unified), Some("/sys/fs/cgroup".into()));
-        assert_eq!(parse_cgroup2_mount("1 2 0:1 / / rw - ext4 /dev/vda rw\n"), None);
-    }
 
     #[test]
     fn resolves_relative_and_absolute_names_inside_the_mount() {

@@ -8,6 +8,8 @@ use std::{
     time::Duration,
 };
 
+use nix::sys::socket::{AddressFamily, SockFlag, SockProtocol, SockType, SockaddrLike as _, SockaddrStorage, socket};
+
 /// One operation to try.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Probe {
@@ -67,6 +69,23 @@ impl std::str::FromStr for Probe {
     }
 }
 
+impl std::fmt::Display for Probe {
+    /// The probe as it was given on the command line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "tcp:{a}"),
+            Self::UdpConnect(a) => write!(f, "udp:{a}"),
+            Self::UdpSendto(a) => write!(f, "sendto:{a}"),
+            Self::TcpFastOpen(a) => write!(f, "tfo:{a}"),
+            Self::Raw => f.write_str("raw"),
+            Self::Icmp => f.write_str("icmp"),
+            Self::Reopen(p) => write!(f, "reopen:{}", p.display()),
+            Self::DnsUdp(name, a) => write!(f, "dns-udp:{name}@{a}"),
+            Self::DnsTcp(name, a) => write!(f, "dns-tcp:{name}@{a}"),
+        }
+    }
+}
+
 fn errno_name(e: &io::Error) -> String {
     match e.raw_os_error() {
         Some(libc::EPERM) => "EPERM".into(),
@@ -105,8 +124,8 @@ pub fn run(probe: &Probe) -> io::Result<()> {
             sock.send_to(b"enforcer-probe", addr).map(|_| ())
         }
         Probe::TcpFastOpen(addr) => tcp_fast_open(addr),
-        Probe::Raw => open_close(libc::SOCK_RAW),
-        Probe::Icmp => open_close(libc::SOCK_DGRAM),
+        Probe::Raw => open_close(SockType::Raw),
+        Probe::Icmp => open_close(SockType::Datagram),
         Probe::Reopen(path) => {
             use std::os::unix::fs::OpenOptionsExt as _;
             let handle = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_PATH).open(path)?;
@@ -175,63 +194,32 @@ fn dns_rcode(reply: &[u8], id: u16) -> io::Result<()> {
 }
 
 /// Creates and closes an AF_INET socket of `sock_type` for IPPROTO_ICMP.
-fn open_close(sock_type: libc::c_int) -> io::Result<()> {
-    let fd = unsafe { libc::socket(libc::AF_INET, sock_type, libc::IPPROTO_ICMP) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    unsafe { libc::close(fd) };
-    Ok(())
+fn open_close(sock_type: SockType) -> io::Result<()> {
+    socket(AddressFamily::Inet, sock_type, SockFlag::SOCK_CLOEXEC, SockProtocol::Icmp)
+        .map(drop)
+        .map_err(io::Error::from)
 }
 
+/// sendto(MSG_FASTOPEN) on an unconnected TCP socket: the connect and the first data in
+/// one call, which the connect hooks must judge like a connect.
 fn tcp_fast_open(addr: &SocketAddr) -> io::Result<()> {
-    let domain = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
-    let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    let (storage, len) = sockaddr(addr);
+    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let sock = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    let to = SockaddrStorage::from(*addr);
     let payload = b"enforcer-probe";
-    let rc = unsafe {
+    // SAFETY: the socket is ours and open; `payload` and `to` outlive the call and their
+    // lengths are theirs. Raw sendto: nix has no MSG_FASTOPEN.
+    let sent = unsafe {
         libc::sendto(
             sock.as_raw_fd(),
             payload.as_ptr().cast(),
             payload.len(),
             libc::MSG_FASTOPEN,
-            (&storage as *const libc::sockaddr_storage).cast(),
-            len,
+            to.as_ptr(),
+            to.len(),
         )
     };
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
-}
-
-fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match addr {
-        SocketAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
-                sin_zero: [0; 8],
-            };
-            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
-            size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
-                sin6_scope_id: 0,
-            };
-            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
-            size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (storage, len as libc::socklen_t)
+    if sent < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
 /// The line printed for a probe's outcome.

@@ -13,7 +13,12 @@ use std::{
 
 use enforcer_common::{Clause, PolicyConfig, PrefixClauses, action, limits, mode};
 
-use crate::policy::{Action, DomainRule, IpNet, Mode, NetRule, Policy, mask};
+use ipnet::IpNet;
+
+use super::{
+    file_tables::FileTables,
+    policy::{Action, DomainRule, Mode, NetRule, Policy, mask},
+};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Prefix4 {
@@ -44,9 +49,9 @@ pub struct CompiledPolicy {
     pub net4: Vec<Prefix4>,
     pub net6: Vec<Prefix6>,
     pub rules: Vec<RuleInfo>,
-    /// File tables, compiled against the filesystem by `crate::files::compile` (the
-    /// caller adds them: this module stays pure).
-    pub files: Option<crate::files::FileTables>,
+    /// File tables, compiled against the filesystem by `file_tables::compile` (the
+    /// caller adds them).
+    pub files: Option<FileTables>,
     /// The home `~` was expanded to, when the file tables were compiled.
     pub home: Option<std::path::PathBuf>,
 }
@@ -112,8 +117,10 @@ fn compile_family<const N: usize>(
         if clauses.len() > limits::MAX_CLAUSES_PER_PREFIX {
             let names: Vec<&str> = covering.iter().map(|&i| all[rules[i].id as usize - 1].name.as_str()).collect();
             let shown = match <[u8; 4]>::try_from(&addr[..]) {
-                Ok(v4) => IpNet::V4 { addr: v4, len }.to_string(),
-                Err(_) => IpNet::V6 { addr: addr[..].try_into().expect("16 bytes"), len }.to_string(),
+                Ok(v4) => format!("{}/{len}", std::net::Ipv4Addr::from(v4)),
+                Err(_) => {
+                    format!("{}/{len}", std::net::Ipv6Addr::from(<[u8; 16]>::try_from(&addr[..]).expect("16 bytes")))
+                }
             };
             return Err(CompileError::TooManyClauses {
                 prefix: shown,
@@ -201,8 +208,8 @@ pub fn compile_policy(policy: &Policy) -> Result<CompiledPolicy, CompileError> {
     let net4 = compile_family::<4>(
         &numbered,
         |n| match n {
-            IpNet::V4 { addr, len } => Some((*addr, *len)),
-            IpNet::V6 { .. } => None,
+            IpNet::V4(n) => Some((n.addr().octets(), n.prefix_len())),
+            IpNet::V6(_) => None,
         },
         &rules,
     )?
@@ -212,8 +219,8 @@ pub fn compile_policy(policy: &Policy) -> Result<CompiledPolicy, CompileError> {
     let net6 = compile_family::<16>(
         &numbered,
         |n| match n {
-            IpNet::V6 { addr, len } => Some((*addr, *len)),
-            IpNet::V4 { .. } => None,
+            IpNet::V6(n) => Some((n.addr().octets(), n.prefix_len())),
+            IpNet::V4(_) => None,
         },
         &rules,
     )?
@@ -282,7 +289,7 @@ pub fn evaluate(compiled: &CompiledPolicy, addr: IpAddr, port: u16, proto_bit: u
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::parse_policy_str;
+    use crate::model::parse::parse_policy_str;
     use enforcer_common::proto::{TCP, UDP};
 
     fn compile(network: &str) -> CompiledPolicy {

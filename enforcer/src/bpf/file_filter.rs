@@ -1,0 +1,93 @@
+//! `ENF_FILE_FILTER` mapped into this process: the kernel's filter of listed inodes and
+//! the records beside it (see `enforcer_common::FileFilter`).
+use std::os::fd::AsFd as _;
+use std::{io, num::NonZeroUsize, ptr::NonNull};
+
+use enforcer_common::{FileEntry, FileFilter, FileRecord, names};
+use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
+
+use super::{BpfError, maps_dir, pins::open_pinned_data};
+
+/// `ENF_FILE_FILTER` mapped into this process. Bytes are set in place: writing the
+/// map's value whole would overwrite bytes the kernel set in the meantime. Records are
+/// written word by word in the order `FileRecord` asks for.
+pub(super) struct FileFilterMap {
+    bytes: *mut u8,
+    _map: aya::maps::MapData,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value; the pointer is only
+// written through `&mut self`.
+unsafe impl Send for FileFilterMap {}
+
+impl FileFilterMap {
+    const SIZE: usize = size_of::<FileFilter>();
+
+    pub(super) fn open_pinned() -> Result<Self, BpfError> {
+        let map = open_pinned_data(names::MAP_FILE_FILTER)?;
+        let size = NonZeroUsize::new(Self::SIZE).expect("the filter is not empty");
+        // SAFETY: a fresh shared mapping of the map's one value (a multiple of the page
+        // size, BPF_F_MMAPABLE); nothing else in this process aliases it; unmapped on drop.
+        let bytes = unsafe {
+            mmap(None, size, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, map.fd().as_fd(), 0)
+        }
+        .map_err(|e| BpfError::Io {
+            what: "mapping",
+            path: maps_dir().join(names::MAP_FILE_FILTER),
+            source: io::Error::from(e),
+        })?;
+        Ok(Self { bytes: bytes.as_ptr().cast(), _map: map })
+    }
+
+    /// Marks an inode before its entry is inserted.
+    pub(super) fn mark(&mut self, dev: u32, ino: u64) {
+        // SAFETY: index() < FileFilter::LEN, inside the mapping.
+        unsafe { self.bytes.add(FileFilter::index(dev, ino)).write_volatile(1) };
+    }
+
+    fn record(&mut self, index: usize) -> *mut FileRecord {
+        assert!(index < FileFilter::RECORDS);
+        // SAFETY: the records follow the bytes inside the mapping; `index` is in range.
+        unsafe { self.bytes.add(std::mem::offset_of!(FileFilter, records)).cast::<FileRecord>().add(index) }
+    }
+
+    /// Copies an entry of `slot` (bound to no cgroup yet) into its record, unless the
+    /// record holds another entry. The key word goes last: it makes the record live.
+    pub(super) fn add_record(&mut self, slot: u32, dev: u32, ino: u64, entry: &FileEntry) {
+        let record = self.record(FileFilter::record_index(dev, ino, slot));
+        // SAFETY: `record` points into the mapping, aligned; each field is one word.
+        unsafe {
+            if (&raw const (*record).dev_slot).read_volatile() != 0 {
+                return;
+            }
+            (&raw mut (*record).ino).write_volatile(ino);
+            (&raw mut (*record).entry).write_volatile(*entry);
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+            (&raw mut (*record).dev_slot).write_volatile(FileRecord::dev_slot(dev, slot));
+        }
+    }
+
+    /// Empties every record of `slot` (bound to no cgroup any more).
+    pub(super) fn clear_records(&mut self, slot: u32) {
+        for index in 0..FileFilter::RECORDS {
+            let record = self.record(index);
+            // SAFETY: as in add_record.
+            unsafe {
+                let dev_slot = (&raw const (*record).dev_slot).read_volatile();
+                if dev_slot != 0 && (dev_slot >> 32) as u32 == slot {
+                    (&raw mut (*record).dev_slot).write_volatile(0);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for FileFilterMap {
+    fn drop(&mut self) {
+        if let Some(bytes) = NonNull::new(self.bytes.cast()) {
+            // SAFETY: the mapping made in `open_pinned`, unmapped once; no reference into
+            // it outlives `self`.
+            let _ = unsafe { munmap(bytes, Self::SIZE) };
+        }
+    }
+}

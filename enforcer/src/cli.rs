@@ -1,0 +1,198 @@
+//! The command line's definitions (clap): what `enforcer --help` shows. The commands
+//! themselves are in `cmd`.
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::{
+    cmd::probe,
+    model::policy::Mode,
+    session::FileBackendChoice,
+    sinks::{Rotation, SyslogTarget},
+};
+
+#[derive(Parser)]
+#[command(name = "enforcer", version, about = "eBPF egress enforcer for autonomous AI agents")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Confine a cgroup with a policy, then stream its decision events until SIGINT or
+    /// SIGTERM; SIGHUP reloads the policy file. Enforcement stays after the controller
+    /// exits; only `detach` removes it.
+    Attach {
+        /// cgroup path, relative to the cgroup v2 mount (created if missing) or absolute.
+        #[arg(long)]
+        cgroup: String,
+        #[arg(long)]
+        policy: PathBuf,
+        /// Override the policy's mode.
+        #[arg(long)]
+        mode: Option<Mode>,
+        /// Where events go: a file (hash-chained, continued if it exists) or - for stdout.
+        #[arg(long, default_value = "-")]
+        events: String,
+        #[command(flatten)]
+        rotation: RotationArgs,
+        /// Also send events to syslog (RFC 5424): udp://HOST:PORT or unix:///dev/log.
+        /// Repeatable.
+        #[arg(long)]
+        syslog: Vec<SyslogTarget>,
+        /// Serve Prometheus metrics at http://ADDR/metrics.
+        #[arg(long)]
+        metrics_addr: Option<String>,
+        #[command(flatten)]
+        files: FileArgs,
+        /// The user the agent runs as: `~` in file rules is this user's home (default:
+        /// SUDO_USER, else the caller).
+        #[arg(long)]
+        agent_user: Option<String>,
+    },
+    /// Run a command in a fresh confined cgroup; exits with the command's status and
+    /// removes the cgroup and its pins afterwards.
+    Run {
+        #[arg(long)]
+        policy: PathBuf,
+        #[arg(long)]
+        mode: Option<Mode>,
+        /// Where events go: a file (hash-chained), - for stdout; default stderr.
+        #[arg(long)]
+        events: Option<String>,
+        #[command(flatten)]
+        rotation: RotationArgs,
+        /// Also send events to syslog (RFC 5424): udp://HOST:PORT or unix:///dev/log.
+        #[arg(long)]
+        syslog: Vec<SyslogTarget>,
+        /// Run the command as this user (default: SUDO_USER, else the caller).
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        metrics_addr: Option<String>,
+        #[command(flatten)]
+        files: FileArgs,
+        #[arg(required = true, last = true)]
+        command: Vec<String>,
+    },
+    /// Kill switch: deny every new network operation of a confined cgroup at once,
+    /// whatever its policy says; `--freeze` also freezes its processes for forensics.
+    Isolate {
+        #[arg(long)]
+        cgroup: String,
+        #[arg(long)]
+        freeze: bool,
+        /// Where the record of this action goes: a file (hash-chained) or - for stdout.
+        #[arg(long, default_value = "-")]
+        events: String,
+    },
+    /// Undo `isolate` (and thaw a frozen cgroup); the policy applies again.
+    Release {
+        #[arg(long)]
+        cgroup: String,
+        #[arg(long, default_value = "-")]
+        events: String,
+    },
+    /// Open a destination for a confined cgroup for a limited time. The kernel closes
+    /// it at expiry, controller or not. Deny rules still win.
+    Grant {
+        #[arg(long)]
+        cgroup: String,
+        /// CIDR, IP, IP:PORT or [IPv6]:PORT.
+        #[arg(long)]
+        allow: String,
+        /// 90s, 10m, 2h (at most 24h).
+        #[arg(long)]
+        ttl: String,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long, default_value = "-")]
+        events: String,
+    },
+    /// Remove a grant before it expires (ids are shown by `grant` and `status`).
+    Revoke {
+        #[arg(long)]
+        cgroup: String,
+        #[arg(long)]
+        id: u32,
+        #[arg(long, default_value = "-")]
+        events: String,
+    },
+    /// Remove enforcement from a cgroup.
+    Detach {
+        #[arg(long)]
+        cgroup: String,
+    },
+    /// Show confined cgroups, their policies and decision counts.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Report what this machine offers enforcer, trying each program type for real.
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Policy tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Audit trail tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Try network operations and print what the kernel answered (one line each).
+    #[command(hide = true)]
+    Probe {
+        /// tcp:ADDR:PORT, udp:ADDR:PORT, sendto:ADDR:PORT, tfo:ADDR:PORT, raw or icmp.
+        #[arg(required = true)]
+        targets: Vec<probe::Probe>,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct RotationArgs {
+    /// Rotate an events file before it would pass this many bytes.
+    #[arg(long, default_value_t = 100 * 1024 * 1024)]
+    pub events_max_bytes: u64,
+    /// Rotated events files to keep (FILE.1 is the newest).
+    #[arg(long, default_value_t = 5)]
+    pub events_keep: usize,
+}
+
+impl RotationArgs {
+    pub fn rotation(&self) -> Rotation {
+        Rotation { max_bytes: self.events_max_bytes, keep: self.events_keep }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Verify hash-chained events files (rotated ones oldest first: FILE.2 FILE.1
+    /// FILE); exits non-zero at the first edited, deleted, inserted or reordered record.
+    Verify {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Validate policy files; exits non-zero on the first error.
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+/// How file rules are enforced.
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct FileArgs {
+    /// auto: BPF-LSM where its programs load, else fanotify permission events (with a
+    /// warning naming why). A policy with file rules is never attached unenforced.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub file_backend: FileBackendChoice,
+}
