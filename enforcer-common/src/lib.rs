@@ -250,7 +250,7 @@ pub struct Binding {
     /// there, whichever server they name.
     pub dns_port: u16,
 }
-const _: () = assert!(core::mem::size_of::<Binding>() == 16);
+const _: () = assert!(size_of::<Binding>() == 16);
 
 /// Per-slot policy settings (`ENF_POLICIES[slot]`). `in_use` is 0 for a free slot; a
 /// binding that points at a slot not in use is denied (fail closed).
@@ -279,7 +279,7 @@ pub struct PolicyConfig {
     pub files_overflow: u8,
     pub _pad: [u8; 7],
 }
-const _: () = assert!(core::mem::size_of::<PolicyConfig>() == 80);
+const _: () = assert!(size_of::<PolicyConfig>() == 80);
 
 impl PolicyConfig {
     pub const fn zeroed() -> Self {
@@ -313,7 +313,7 @@ pub struct Net4Key {
     pub slot: u32,
     pub addr: [u8; 4],
 }
-const _: () = assert!(core::mem::size_of::<Net4Key>() == 8);
+const _: () = assert!(size_of::<Net4Key>() == 8);
 
 /// LPM trie key data for IPv6; prefix length `32 + cidr_len`.
 #[repr(C)]
@@ -322,7 +322,7 @@ pub struct Net6Key {
     pub slot: u32,
     pub addr: [u8; 16],
 }
-const _: () = assert!(core::mem::size_of::<Net6Key>() == 20);
+const _: () = assert!(size_of::<Net6Key>() == 20);
 
 /// What DNS answers opened for one address (`ENF_LEARN4/6`, keyed by `Net4Key` /
 /// `Net6Key` with the *binding* in `slot`: learned addresses outlive policy reloads and
@@ -336,7 +336,7 @@ pub struct LearnedClauses {
     pub _pad: u32,
     pub clauses: [Clause; limits::MAX_LEARNED_CLAUSES],
 }
-const _: () = assert!(core::mem::size_of::<LearnedClauses>() == 8 + 16 * limits::MAX_LEARNED_CLAUSES);
+const _: () = assert!(size_of::<LearnedClauses>() == 8 + 16 * limits::MAX_LEARNED_CLAUSES);
 
 /// Bits of a key's prefix length taken by the slot.
 pub const SLOT_PREFIX_BITS: u32 = 32;
@@ -358,7 +358,7 @@ pub struct Clause {
     /// even if no controller runs.
     pub expires_at: u64,
 }
-const _: () = assert!(core::mem::size_of::<Clause>() == 16);
+const _: () = assert!(size_of::<Clause>() == 16);
 
 /// Value of an LPM entry: every clause of every rule whose CIDR covers the entry's
 /// prefix. Deny clauses win over allow clauses; no match falls back to the default.
@@ -371,7 +371,7 @@ pub struct PrefixClauses {
     pub expiring: u32,
     pub clauses: [Clause; limits::MAX_CLAUSES_PER_PREFIX],
 }
-const _: () = assert!(core::mem::size_of::<PrefixClauses>() == 8 + 16 * limits::MAX_CLAUSES_PER_PREFIX);
+const _: () = assert!(size_of::<PrefixClauses>() == 8 + 16 * limits::MAX_CLAUSES_PER_PREFIX);
 
 impl PrefixClauses {
     pub const fn empty() -> Self {
@@ -401,7 +401,7 @@ pub struct DnsOrigin {
     pub family: u8,
     pub _pad: [u8; 5],
 }
-const _: () = assert!(core::mem::size_of::<DnsOrigin>() == 24);
+const _: () = assert!(size_of::<DnsOrigin>() == 24);
 
 /// DNS redirection to the controller's proxy.
 pub mod dns {
@@ -441,7 +441,7 @@ pub struct EventHeader {
     pub _pad: u8,
     pub comm: [u8; 16],
 }
-const _: () = assert!(core::mem::size_of::<EventHeader>() == 56);
+const _: () = assert!(size_of::<EventHeader>() == 56);
 
 /// A network decision (`record::NET`).
 #[repr(C)]
@@ -461,7 +461,7 @@ pub struct NetEvent {
     /// Destination address: 4 bytes for INET, 16 for INET6.
     pub addr: [u8; 16],
 }
-const _: () = assert!(core::mem::size_of::<NetEvent>() == 80);
+const _: () = assert!(size_of::<NetEvent>() == 80);
 
 /// Key of `ENF_FILES`: an inode (device as the kernel encodes `s_dev`: major << 20 |
 /// minor) under one policy slot.
@@ -472,7 +472,7 @@ pub struct FileKey {
     pub dev: u32,
     pub slot: u32,
 }
-const _: () = assert!(core::mem::size_of::<FileKey>() == 16);
+const _: () = assert!(size_of::<FileKey>() == 16);
 
 /// A filter in front of `ENF_FILES`: one byte per hash of (device, inode), non-zero
 /// where some slot may list that inode. A walk looks an ancestor up in `ENF_FILES` only
@@ -493,9 +493,9 @@ pub struct FileFilter {
     pub listed: [u8; FileFilter::LEN],
     pub records: [FileRecord; FileFilter::RECORDS],
 }
-const _: () = assert!(core::mem::size_of::<FileFilter>() == FileFilter::LEN + FileFilter::RECORDS * 24);
+const _: () = assert!(size_of::<FileFilter>() == FileFilter::LEN + FileFilter::RECORDS * 24);
 // Mapped whole by the controller: a multiple of the page size.
-const _: () = assert!(core::mem::size_of::<FileFilter>() % 4096 == 0);
+const _: () = assert!(size_of::<FileFilter>().is_multiple_of(4096));
 
 /// A copy of one `ENF_FILES` entry, in place for the walk.
 ///
@@ -513,7 +513,7 @@ pub struct FileRecord {
     pub dev_slot: u64,
     pub entry: FileEntry,
 }
-const _: () = assert!(core::mem::size_of::<FileRecord>() == 24);
+const _: () = assert!(size_of::<FileRecord>() == 24);
 
 impl FileRecord {
     #[inline(always)]
@@ -558,7 +558,7 @@ pub struct FileEntry {
     pub rule_id: u16,
     pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<FileEntry>() == 8);
+const _: () = assert!(size_of::<FileEntry>() == 8);
 
 /// Key of `ENF_PENDING`: a listed path that did not exist when the policy was
 /// compiled, as (existing parent inode, next component name). When a dentry with that
@@ -572,7 +572,7 @@ pub struct PendingKey {
     pub slot: u32,
     pub name: [u8; limits::PENDING_NAME_LEN],
 }
-const _: () = assert!(core::mem::size_of::<PendingKey>() == 64);
+const _: () = assert!(size_of::<PendingKey>() == 64);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -584,7 +584,7 @@ pub struct PendingValue {
     pub _pad: u32,
     pub names: [[u8; limits::PENDING_NAME_LEN]; limits::MAX_PENDING_DEPTH - 1],
 }
-const _: () = assert!(core::mem::size_of::<PendingValue>() == 16 + 48 * 3);
+const _: () = assert!(size_of::<PendingValue>() == 16 + 48 * 3);
 
 /// Offsets into kernel structs, read from the running kernel's BTF when the programs
 /// are loaded (Rust eBPF has no CO-RE relocations), so one build runs on 6.1 to 6.18.
@@ -616,7 +616,7 @@ pub struct KernelOffsets {
     pub valid: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 19 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 19 * 4);
 
 /// A file decision (`record::FILE`).
 #[repr(C)]
@@ -636,7 +636,7 @@ pub struct FileEvent {
     pub truncated: u8,
     pub path: [[u8; limits::EVENT_PART_LEN]; limits::EVENT_PATH_PARTS],
 }
-const _: () = assert!(core::mem::size_of::<FileEvent>() == 72 + limits::EVENT_PART_LEN * limits::EVENT_PATH_PARTS);
+const _: () = assert!(size_of::<FileEvent>() == 72 + limits::EVENT_PART_LEN * limits::EVENT_PATH_PARTS);
 
 /// Tree changes judged by the path hooks.
 pub mod change {
@@ -672,22 +672,33 @@ pub mod change {
 #[cfg(feature = "user")]
 mod user {
     use super::*;
-    // SAFETY: all types are repr(C), Copy, with no implicit padding (sizes asserted).
-    unsafe impl aya::Pod for Binding {}
-    unsafe impl aya::Pod for DnsOrigin {}
-    unsafe impl aya::Pod for LearnedClauses {}
-    unsafe impl aya::Pod for PolicyConfig {}
-    unsafe impl aya::Pod for Net4Key {}
-    unsafe impl aya::Pod for Net6Key {}
-    unsafe impl aya::Pod for Clause {}
-    unsafe impl aya::Pod for PrefixClauses {}
-    unsafe impl aya::Pod for NetEvent {}
-    unsafe impl aya::Pod for FileKey {}
-    unsafe impl aya::Pod for FileEntry {}
-    unsafe impl aya::Pod for PendingKey {}
-    unsafe impl aya::Pod for PendingValue {}
-    unsafe impl aya::Pod for KernelOffsets {}
-    unsafe impl aya::Pod for FileEvent {}
+
+    /// Marks map and event types as plain data for aya.
+    macro_rules! pod {
+        ($($t:ty),* $(,)?) => {$(
+            // SAFETY: repr(C), Copy, with no implicit padding (every size is asserted
+            // above), and valid for any bit pattern.
+            unsafe impl aya::Pod for $t {}
+        )*};
+    }
+
+    pod!(
+        Binding,
+        DnsOrigin,
+        LearnedClauses,
+        PolicyConfig,
+        Net4Key,
+        Net6Key,
+        Clause,
+        PrefixClauses,
+        NetEvent,
+        FileKey,
+        FileEntry,
+        PendingKey,
+        PendingValue,
+        KernelOffsets,
+        FileEvent,
+    );
 }
 
 #[cfg(test)]

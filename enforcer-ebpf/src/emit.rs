@@ -14,6 +14,7 @@ use crate::{
 #[inline(always)]
 fn bump(map: &aya_ebpf::maps::PerCpuArray<u64>, index: u32) {
     if let Some(value) = map.get_ptr_mut(index) {
+        // SAFETY: a per-CPU counter slot the map returned for this CPU, valid for the program run.
         unsafe { *value += 1 };
     }
 }
@@ -141,7 +142,9 @@ pub fn emit_file_event(d: &FileDecision, o: &KernelOffsets, dentry: *const u8, v
             break;
         }
         let name = read_ptr(dentry, o.dentry_d_name_name);
+        // SAFETY: `event` is our reserved record; `parts` < EVENT_PATH_PARTS indexes inside it.
         let slot = unsafe { &mut (*event).path[parts] };
+        // SAFETY: the helper bounds its write by `slot`, a 32-byte array of our record.
         if unsafe { bpf_probe_read_kernel_str_bytes(name, slot) }.is_err() {
             slot[0] = 0;
         }
@@ -153,6 +156,7 @@ pub fn emit_file_event(d: &FileDecision, o: &KernelOffsets, dentry: *const u8, v
             dentry = parent;
         }
     }
+    // SAFETY: `event` points at our reserved record until it is submitted.
     unsafe {
         (*event).parts = parts as u8;
         // Stopped by the bound with ancestors left: the path is cut at the top.

@@ -59,6 +59,7 @@ static ENF_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
 fn offsets() -> &'static KernelOffsets {
     const _: () = assert!(size_of::<Global<KernelOffsets>>() == size_of::<KernelOffsets>());
     let address: *const Global<KernelOffsets> = &ENF_OFFSETS;
+    // SAFETY: a read-only global the loader filled with a `KernelOffsets`; `Global<T>` has T's layout (asserted).
     unsafe { &*core::ptr::read_volatile(&address).cast::<KernelOffsets>() }
 }
 
@@ -89,6 +90,7 @@ fn governed() -> Option<Result<Governed, u32>> {
         return None;
     }
     let level = ENF_CGROUP_LEVEL.load();
+    // SAFETY: a helper taking a level number only.
     if unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) } != binding.cgroup_id {
         return None;
     }
@@ -151,6 +153,7 @@ fn entry_of(g: &Governed, dev: u32, ino: u64) -> Option<FileEntry> {
     if record.dev_slot == FileRecord::dev_slot(dev, g.slot) && record.ino == ino {
         return Some(record.entry);
     }
+    // SAFETY: a map lookup; the value stays valid for the program run (RCU), and the verifier checks every access to it.
     unsafe { ENF_FILES.get(&FileKey { ino, dev, slot: g.slot }) }.copied()
 }
 
@@ -279,6 +282,7 @@ fn nearest_listed_by_lookup(o: &KernelOffsets, g: &Governed, dev: u32, mut dentr
         }
         let inode = load_ptr(dentry, o.dentry_d_inode);
         let ino = if inode.is_null() { 0 } else { load_u64(inode, o.inode_i_ino) };
+        // SAFETY: a map lookup; the value stays valid for the program run (RCU), and the verifier checks every access to it.
         if let Some(entry) = unsafe { ENF_FILES.get(&FileKey { ino, dev, slot: g.slot }) } {
             return Some(Walk::Listed(*entry));
         }
@@ -752,6 +756,7 @@ fn adopt_pending(o: &KernelOffsets, dentry: Ptr, inode: Ptr) {
         parent_dev: read_u32(read_ptr(parent_inode, o.inode_i_sb), o.super_block_s_dev),
         slot,
         // Zeroed as words: a byte-array literal becomes a `memset` call.
+        // SAFETY: arrays of the same size; every bit pattern is a valid u8 array.
         name: unsafe {
             core::mem::transmute::<[u64; limits::PENDING_NAME_LEN / 8], [u8; limits::PENDING_NAME_LEN]>(
                 [0u64; limits::PENDING_NAME_LEN / 8],
@@ -760,30 +765,38 @@ fn adopt_pending(o: &KernelOffsets, dentry: Ptr, inode: Ptr) {
     };
     let name_ptr = read_ptr(dentry, o.dentry_d_name_name);
     // Truncated to the key's length: a longer name is compared on its first bytes.
+    // SAFETY: the helper bounds its write by the slice: the key's name but its last byte.
     if unsafe { bpf_probe_read_kernel_str_bytes(name_ptr, &mut key.name[..limits::PENDING_NAME_LEN - 1]) }.is_err() {
         return;
     }
+    // SAFETY: a map lookup; the value stays valid for the program run (RCU), and the verifier checks every access to it.
     let Some(pending) = (unsafe { ENF_PENDING.get(&key) }) else { return };
     let ino = read_u64(inode, o.inode_i_ino);
     let dev = read_u32(read_ptr(inode, o.inode_i_sb), o.super_block_s_dev);
     if pending.remaining == 0 {
         // Marked before it is listed: a walk must never skip a listed inode.
         let Some(filter) = ENF_FILE_FILTER.get_ptr_mut(0) else { return };
+        // SAFETY: the map's one value, valid for the program run; index() < LEN.
         unsafe { (*filter).listed[FileFilter::index(dev, ino)] = 1 };
         if ENF_FILES.insert(&FileKey { ino, dev, slot }, &pending.entry, 0).is_err() {
             files_overflow(slot);
         }
         // An inode listed already (renamed or linked onto the pending path) may have
         // a record: it must say what the table now says. One word, never half seen.
+        // SAFETY: as above; record_index() < RECORDS.
         let record = unsafe { &mut (*filter).records[FileFilter::record_index(dev, ino, slot)] };
         if record.dev_slot == FileRecord::dev_slot(dev, slot) && record.ino == ino {
+            // SAFETY: FileEntry is 8 bytes of plain data (size asserted in enforcer-common).
             let entry: u64 = unsafe { core::mem::transmute(pending.entry) };
+            // SAFETY: `record.entry` is 8 aligned bytes of the record; one store, so a
+            // walk reads the old or the new entry, never half of each.
             unsafe { core::ptr::write_volatile((&mut record.entry as *mut FileEntry).cast::<u64>(), entry) };
         }
         return;
     }
     // Built in a per-CPU scratch value: key and value together exceed the BPF stack.
     let Some(next) = ENF_PENDING_SCRATCH.get_ptr_mut(0) else { return };
+    // SAFETY: this CPU's scratch value, ours for the program run (no preemption).
     let next = unsafe { &mut *next };
     next.entry = pending.entry;
     next.remaining = pending.remaining - 1;
@@ -807,6 +820,7 @@ fn adopt_pending(o: &KernelOffsets, dentry: Ptr, inode: Ptr) {
 fn files_overflow(slot: u32) {
     emit::count(counter::FILES_FULL);
     if let Some(config) = ENF_POLICIES.get_ptr_mut(slot) {
+        // SAFETY: the slot's config, valid for the program run; one byte store.
         unsafe { (*config).files_overflow = 1 };
     }
 }
@@ -817,6 +831,7 @@ fn copy_name(to: &mut [u8; limits::PENDING_NAME_LEN], from: &[u8; limits::PENDIN
     let from = from.as_ptr() as *const u64;
     let mut i = 0;
     while i < limits::PENDING_NAME_LEN / 8 {
+        // SAFETY: i < LEN / 8 words, inside both arrays; unaligned accesses.
         unsafe { core::ptr::write_unaligned(to.add(i), core::ptr::read_unaligned(from.add(i))) };
         i += 1;
     }
@@ -824,6 +839,7 @@ fn copy_name(to: &mut [u8; limits::PENDING_NAME_LEN], from: &[u8; limits::PENDIN
 
 #[inline(always)]
 fn key_zero() -> [u8; limits::PENDING_NAME_LEN] {
+    // SAFETY: arrays of the same size; every bit pattern is a valid u8 array.
     unsafe {
         core::mem::transmute::<[u64; limits::PENDING_NAME_LEN / 8], [u8; limits::PENDING_NAME_LEN]>(
             [0u64; limits::PENDING_NAME_LEN / 8],

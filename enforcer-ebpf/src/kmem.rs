@@ -11,6 +11,7 @@ pub type Ptr = *const u8;
 #[inline(always)]
 fn read<T: Copy + Default>(base: Ptr, offset: u32) -> T {
     let mut value = T::default();
+    // SAFETY: the helper writes at most size_of::<T>() bytes into `value` and zero-fills it on a fault.
     unsafe {
         bpf_probe_read_kernel(
             (&mut value as *mut T).cast(),
@@ -62,15 +63,18 @@ impl Offset for usize {
 /// a pointer it knows only as a number: use the `read_*` functions for those.
 #[inline(always)]
 pub fn load_ptr(base: Ptr, offset: impl Offset) -> Ptr {
+    // SAFETY: a load the verifier checks against the BTF type of `base`; the JIT guards it against faults (a bad pointer reads 0).
     unsafe { core::ptr::read_volatile(base.wrapping_add(offset.bytes()) as *const Ptr) }
 }
 
 #[inline(always)]
 pub fn load_u32(base: Ptr, offset: impl Offset) -> u32 {
+    // SAFETY: a load the verifier checks against the BTF type of `base`; the JIT guards it against faults (a bad pointer reads 0).
     unsafe { core::ptr::read_volatile(base.wrapping_add(offset.bytes()) as *const u32) }
 }
 
 #[inline(always)]
 pub fn load_u64(base: Ptr, offset: impl Offset) -> u64 {
+    // SAFETY: a load the verifier checks against the BTF type of `base`; the JIT guards it against faults (a bad pointer reads 0).
     unsafe { core::ptr::read_volatile(base.wrapping_add(offset.bytes()) as *const u64) }
 }

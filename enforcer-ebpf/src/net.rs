@@ -80,6 +80,7 @@ pub fn enf_sock_create(ctx: SockContext) -> i32 {
         Governing::Policy { slot, config, isolated, .. } => (slot, config, isolated),
         Governing::Broken { slot } => return fail_closed(slot, hook::SOCK_CREATE),
     };
+    // SAFETY: the hook's context pointer, valid for the program run.
     let sk = unsafe { &*ctx.sock };
     let (sock_family, sock_type, protocol) = (sk.family, sk.type_, sk.protocol);
     let plain_tcp_udp = matches!((sock_type, protocol), (SOCK_STREAM, IPPROTO_TCP) | (SOCK_DGRAM, IPPROTO_UDP));
@@ -154,6 +155,7 @@ fn judge_v4(addr: [u8; 4], slot: u32, port: u16, bit: u8, config: &PolicyConfig)
     if rule.rule_id != 0 || rule.action != action::DENY {
         return rule;
     }
+    // SAFETY: a map lookup; the value stays valid for the program run (RCU), and the verifier checks every access to it.
     let learned = unsafe { ENF_LEARN4.get(&Net4Key { slot: binding_index(), addr }) };
     judge_learned(rule, learned, port, bit)
 }
@@ -164,6 +166,7 @@ fn judge_sock_addr4(ctx: &SockAddrContext, hook: u8) -> i32 {
         Governing::Policy { slot, config, isolated, dns_port } => (slot, config, isolated, dns_port),
         Governing::Broken { slot } => return fail_closed(slot, hook),
     };
+    // SAFETY: the hook's context pointer, valid and writable for the program run (sock_addr hooks may rewrite the address).
     let sa = unsafe { &mut *ctx.sock_addr };
     // user_ip4 and user_port hold network byte order.
     let addr = sa.user_ip4.to_ne_bytes();
@@ -205,6 +208,7 @@ fn judge_sock_addr6(ctx: &SockAddrContext, hook: u8) -> i32 {
         Governing::Policy { slot, config, isolated, dns_port } => (slot, config, isolated, dns_port),
         Governing::Broken { slot } => return fail_closed(slot, hook),
     };
+    // SAFETY: the hook's context pointer, valid and writable for the program run (sock_addr hooks may rewrite the address).
     let sa = unsafe { &mut *ctx.sock_addr };
     let mut addr = [0u8; 16];
     // Four 32-bit loads: the verifier only allows whole-word access to user_ip6.
@@ -244,6 +248,7 @@ fn judge_sock_addr6(ctx: &SockAddrContext, hook: u8) -> i32 {
         if rule.rule_id != 0 || rule.action != action::DENY {
             rule
         } else {
+            // SAFETY: a map lookup; the value stays valid for the program run (RCU), and the verifier checks every access to it.
             let learned = unsafe { ENF_LEARN6.get(&Net6Key { slot: binding_index(), addr: lookup }) };
             judge_learned(rule, learned, port, bit)
         }
@@ -279,6 +284,7 @@ fn redirects_dns(dns_port: u16, isolated: bool, port: u16, protocol: u32) -> boo
 
 #[inline(always)]
 fn remember_dns_origin(sa: &mut bpf_sock_addr, origin: &DnsOrigin) {
+    // SAFETY: the helper takes the hook's own context.
     let cookie = unsafe { bpf_get_socket_cookie(sa as *mut bpf_sock_addr as *mut _) };
     // If the table refuses, the reply shows the proxy's address and the resolver drops
     // it: the query fails, which is the safe way to fail.
@@ -297,11 +303,14 @@ fn write_ip6(sa: &mut bpf_sock_addr, addr: [u8; 16]) {
 #[inline(always)]
 fn restore_dns_origin4(ctx: &SockAddrContext) {
     let dns_port = dns_proxy_port();
+    // SAFETY: the hook's context pointer, valid and writable for the program run (sock_addr hooks may rewrite the address).
     let sa = unsafe { &mut *ctx.sock_addr };
     if dns_port == 0 || sa.user_ip4 != u32::from_ne_bytes(LOOPBACK4) || u16::from_be(sa.user_port as u16) != dns_port {
         return;
     }
+    // SAFETY: the helper takes the hook's own context.
     let cookie = unsafe { bpf_get_socket_cookie(sa as *mut bpf_sock_addr as *mut _) };
+    // SAFETY: a map lookup; the value stays valid for the program run (RCU), and the verifier checks every access to it.
     if let Some(origin) = unsafe { ENF_DNS_ORIG.get(&cookie) } {
         if origin.family == family::INET {
             sa.user_ip4 = u32::from_ne_bytes([origin.addr[0], origin.addr[1], origin.addr[2], origin.addr[3]]);
@@ -313,6 +322,7 @@ fn restore_dns_origin4(ctx: &SockAddrContext) {
 #[inline(always)]
 fn restore_dns_origin6(ctx: &SockAddrContext) {
     let dns_port = dns_proxy_port();
+    // SAFETY: the hook's context pointer, valid and writable for the program run (sock_addr hooks may rewrite the address).
     let sa = unsafe { &mut *ctx.sock_addr };
     if dns_port == 0 || u16::from_be(sa.user_port as u16) != dns_port || sa.user_ip6[0] != 0 || sa.user_ip6[1] != 0 {
         return;
@@ -323,7 +333,9 @@ fn restore_dns_origin6(ctx: &SockAddrContext) {
     if !from_proxy6 && !from_proxy4 {
         return;
     }
+    // SAFETY: the helper takes the hook's own context.
     let cookie = unsafe { bpf_get_socket_cookie(sa as *mut bpf_sock_addr as *mut _) };
+    // SAFETY: a map lookup; the value stays valid for the program run (RCU), and the verifier checks every access to it.
     if let Some(origin) = unsafe { ENF_DNS_ORIG.get(&cookie) } {
         if origin.family == family::INET6 {
             write_ip6(sa, origin.addr);

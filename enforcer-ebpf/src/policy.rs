@@ -32,6 +32,7 @@ pub fn governing_policy() -> Governing {
     }
     match ENF_POLICIES.get(slot) {
         Some(config) if config.in_use != 0 => {
+            // SAFETY: a map value lives as long as the map, which the loaded program keeps: 'static for a program run.
             Governing::Policy { slot, config: unsafe { &*(config as *const PolicyConfig) }, isolated, dns_port }
         }
         _ => Governing::Broken { slot },
@@ -53,6 +54,7 @@ pub fn judge_clauses(clauses: Option<&PrefixClauses>, port: u16, proto_bit: u8, 
         let count = entry.count as usize;
         // Read the clock only when a clause can expire (most never do), and outside the
         // loop: a helper call inside it multiplies the verifier's work.
+        // SAFETY: a helper with no arguments.
         let now = if entry.expiring != 0 { unsafe { bpf_ktime_get_boot_ns() } } else { 0 };
         let mut i = 0;
         while i < limits::MAX_CLAUSES_PER_PREFIX {
@@ -93,6 +95,7 @@ pub fn dns_proxy_port() -> u16 {
 pub fn judge_learned(rule: RuleVerdict, learned: Option<&LearnedClauses>, port: u16, proto_bit: u8) -> RuleVerdict {
     let Some(entry) = learned else { return rule };
     let count = entry.count as usize;
+    // SAFETY: a helper with no arguments.
     let now = unsafe { bpf_ktime_get_boot_ns() };
     let mut i = 0;
     while i < limits::MAX_LEARNED_CLAUSES {

@@ -1,11 +1,10 @@
 //! The command line's definitions (clap): what `enforcer --help` shows. The commands
 //! themselves are in `cmd`.
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Parser, Subcommand};
 
 use crate::{
-    cmd::probe,
     model::policy::Mode,
     session::FileBackendChoice,
     sinks::{Rotation, SyslogTarget},
@@ -149,7 +148,7 @@ pub enum Command {
     Probe {
         /// tcp:ADDR:PORT, udp:ADDR:PORT, sendto:ADDR:PORT, tfo:ADDR:PORT, raw or icmp.
         #[arg(required = true)]
-        targets: Vec<probe::Probe>,
+        targets: Vec<Probe>,
     },
 }
 
@@ -196,3 +195,80 @@ pub struct FileArgs {
     #[arg(long, value_enum, default_value = "auto")]
     pub file_backend: FileBackendChoice,
 }
+
+/// One operation to try.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// TCP connect (ok, or ECONNREFUSED when nothing listens: the kernel let it out).
+    Tcp(SocketAddr),
+    /// UDP socket connect().
+    UdpConnect(SocketAddr),
+    /// Unconnected UDP sendto().
+    UdpSendto(SocketAddr),
+    /// TCP Fast Open: sendto(MSG_FASTOPEN) on an unconnected TCP socket.
+    TcpFastOpen(SocketAddr),
+    /// socket(AF_INET, SOCK_RAW, IPPROTO_ICMP).
+    Raw,
+    /// socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP): a "ping" socket.
+    Icmp,
+    /// Open a file with O_PATH (no access asked), then read it through
+    /// /proc/self/fd/N: the re-open must be judged like a direct open.
+    Reopen(PathBuf),
+    /// A DNS A query for the name, sent with sendto() on an unconnected UDP socket;
+    /// `ok` when a NOERROR answer came back from the very address asked (a redirect
+    /// that did not restore the source shows as `from-ADDR`), else the RCODE's name.
+    DnsUdp(String, SocketAddr),
+    /// The same over TCP; the peer's address (getpeername) must be the one asked.
+    DnsTcp(String, SocketAddr),
+}
+
+impl std::str::FromStr for Probe {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "raw" => return Ok(Self::Raw),
+            "icmp" => return Ok(Self::Icmp),
+            _ => {}
+        }
+        if let Some(path) = s.strip_prefix("reopen:") {
+            return Ok(Self::Reopen(path.into()));
+        }
+        for (prefix, tcp) in [("dns-udp:", false), ("dns-tcp:", true)] {
+            if let Some(rest) = s.strip_prefix(prefix) {
+                let (name, server) =
+                    rest.split_once('@').ok_or_else(|| format!("{s:?}: expected {prefix}NAME@ADDR:PORT"))?;
+                let server: SocketAddr = server.parse().map_err(|e| format!("{s:?}: {e} (IPv6 as [::1]:53)"))?;
+                return Ok(if tcp { Self::DnsTcp(name.into(), server) } else { Self::DnsUdp(name.into(), server) });
+            }
+        }
+        let (kind, addr) = s
+            .split_once(':')
+            .ok_or_else(|| format!("{s:?}: expected KIND:ADDR:PORT (tcp, udp, sendto, tfo), raw or icmp"))?;
+        let addr: SocketAddr = addr.parse().map_err(|e| format!("{s:?}: {e} (IPv6 as tcp:[::1]:80)"))?;
+        match kind {
+            "tcp" => Ok(Self::Tcp(addr)),
+            "udp" => Ok(Self::UdpConnect(addr)),
+            "sendto" => Ok(Self::UdpSendto(addr)),
+            "tfo" => Ok(Self::TcpFastOpen(addr)),
+            other => Err(format!("{s:?}: unknown kind {other:?}: tcp, udp, sendto, tfo, raw or icmp")),
+        }
+    }
+}
+
+impl std::fmt::Display for Probe {
+    /// The probe as it was given on the command line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "tcp:{a}"),
+            Self::UdpConnect(a) => write!(f, "udp:{a}"),
+            Self::UdpSendto(a) => write!(f, "sendto:{a}"),
+            Self::TcpFastOpen(a) => write!(f, "tfo:{a}"),
+            Self::Raw => f.write_str("raw"),
+            Self::Icmp => f.write_str("icmp"),
+            Self::Reopen(p) => write!(f, "reopen:{}", p.display()),
+            Self::DnsUdp(name, a) => write!(f, "dns-udp:{name}@{a}"),
+            Self::DnsTcp(name, a) => write!(f, "dns-tcp:{name}@{a}"),
+        }
+    }
+}
+

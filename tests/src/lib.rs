@@ -1,6 +1,7 @@
 //! Harness for the root integration tests: test cgroups and controllers that clean up
 //! on drop (also when a test panics), a probe runner that joins a cgroup before exec,
 //! and loopback servers. Traffic goes to loopback only.
+use nix::sys::signal::Signal;
 use std::{
     ffi::CString,
     fs,
@@ -32,16 +33,12 @@ pub fn require_root() {
 }
 
 pub fn cgroup2_mount() -> PathBuf {
-    let info = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    info.lines()
-        .find_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            if right.split_whitespace().next()? != "cgroup2" {
-                return None;
-            }
-            Some(PathBuf::from(left.split_whitespace().nth(4)?))
-        })
-        .expect("a cgroup v2 mount")
+    enforcer_common::host::cgroup2_mount().expect("a cgroup v2 mount")
+}
+
+/// Sends `sig` to a child controller.
+fn signal(child: &Child, sig: Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig);
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -196,13 +193,13 @@ impl Controller {
 
     /// Stops the controller (SIGTERM) and hands back its events file.
     pub fn stop(mut self) -> TempFile {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        signal(&self.child, Signal::SIGTERM);
         assert!(wait_or_kill(&mut self.child, command_deadline()), "enforcer attach did not exit on SIGTERM");
         std::mem::replace(&mut self.events, TempFile(PathBuf::new()))
     }
 
     pub fn kill9(&mut self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        signal(&self.child, Signal::SIGKILL);
         let _ = self.child.wait();
     }
 
@@ -230,7 +227,7 @@ impl Drop for Controller {
     fn drop(&mut self) {
         // Only signal a child not yet reaped: a reaped pid may belong to someone else.
         if let Ok(None) = self.child.try_wait() {
-            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            signal(&self.child, Signal::SIGTERM);
             if !wait_or_kill(&mut self.child, command_deadline()) {
                 eprintln!("enforcer attach (pid {}) ignored SIGTERM; killed it", self.child.id());
             }
@@ -429,12 +426,15 @@ pub fn pin_array_map(path: &Path, value_size: u32, max_entries: u32) {
     const BPF_OBJ_PIN: i64 = 6;
     const BPF_MAP_TYPE_ARRAY: u32 = 2;
     let create = MapCreate { map_type: BPF_MAP_TYPE_ARRAY, key_size: 4, value_size, max_entries, rest: [0; 28] };
+    // SAFETY: bpf(2) reads a `MapCreate` of the size given, which outlives the call.
     let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, &create, size_of::<MapCreate>()) };
     assert!(fd >= 0, "BPF_MAP_CREATE: {}", std::io::Error::last_os_error());
     let c_path = CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
     let pin = ObjPin { pathname: c_path.as_ptr() as u64, bpf_fd: fd as u32, file_flags: 0 };
+    // SAFETY: bpf(2) reads an `ObjPin` whose path pointer (`c_path`) outlives the call.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, &pin, size_of::<ObjPin>()) };
     let err = std::io::Error::last_os_error();
+    // SAFETY: closes the map fd this function created; nothing else holds it.
     unsafe { libc::close(fd as i32) };
     assert_eq!(rc, 0, "BPF_OBJ_PIN {}: {err}", path.display());
 }

@@ -380,7 +380,7 @@ fn a_reload_keeps_addresses_of_kept_rules_and_closes_those_of_removed_ones() {
     // The kept rule moves from id 2 to id 1; the other rule is gone.
     let reloaded = dns_policy("dns-reload", "    allow:\n      - domain: kept.example.test\n", &dns);
     std::fs::copy(&reloaded.0, &p.0).expect("rewrite the policy");
-    unsafe { libc::kill(c.child.id() as i32, libc::SIGHUP) };
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.child.id() as i32), nix::sys::signal::Signal::SIGHUP);
     let start = Instant::now();
     while !c.stderr_lines.lock().unwrap().iter().any(|l| l.contains("policy reloaded")) {
         assert!(start.elapsed() < Duration::from_secs(10), "no reload");

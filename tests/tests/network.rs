@@ -152,7 +152,7 @@ fn nested_cgroups_and_forked_children_inherit() {
     assert_eq!(probe_in(&grandchild, &t), vec!["EPERM"], "a grandchild cgroup inherits the policy");
     // A process forked twice inside the cgroup.
     let script = format!("sh -c '{} probe {}'", enforcer_bin().display(), t[0]);
-    let out = command_in(&cg.path, std::path::Path::new("/bin/sh")).args(["-c", &script]).output_within();
+    let out = command_in(&cg.path, Path::new("/bin/sh")).args(["-c", &script]).output_within();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("{} EPERM", t[0]));
     // Not confined: the test's own cgroup.
     assert!(allowed(&probe_outside(&t)[0]), "a process outside the cgroup is untouched");
@@ -294,7 +294,7 @@ fn run_confines_the_command_as_the_given_user_and_cleans_up() {
     assert_eq!(lines[1], format!("tcp:127.0.0.1:{port} ok"));
     assert_eq!(lines[2], format!("tcp:127.0.0.1:{closed} EPERM"));
     assert!(stderr.contains("\"verdict\":\"deny\""), "denials are reported on stderr:\n{stderr}");
-    let leftovers: Vec<_> = std::fs::read_dir(cgroup2_mount())
+    let leftovers: Vec<_> = fs::read_dir(cgroup2_mount())
         .unwrap()
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with("enforcer-run-"))
@@ -404,12 +404,11 @@ fn a_nested_attach_narrows_but_never_escapes_the_parent_policy() {
 /// Runs `enforcer probe icmp` in the cgroup, inside a private network namespace whose
 /// ping_group_range admits root (the kernel checks it before our hook runs; setting it
 /// in a namespace of our own leaves the host's setting alone).
-fn icmp_probe_in(cgroup: &std::path::Path) -> String {
+fn icmp_probe_in(cgroup: &Path) -> String {
     let script =
         format!("echo '0 0' > /proc/sys/net/ipv4/ping_group_range && exec {} probe icmp", enforcer_bin().display());
-    let out = command_in(cgroup, std::path::Path::new("/usr/bin/unshare"))
-        .args(["--net", "/bin/sh", "-c", &script])
-        .output_within();
+    let out =
+        command_in(cgroup, Path::new("/usr/bin/unshare")).args(["--net", "/bin/sh", "-c", &script]).output_within();
     assert!(out.status.success(), "icmp probe failed: {out:?}");
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
@@ -437,7 +436,7 @@ fn events_name_the_executable_parent_and_user() {
     // A process that stays alive while the controller enriches its event.
     let script =
         format!("import socket,time\ns=socket.socket()\nprint(s.connect_ex(('127.0.0.1',{port})))\ntime.sleep(3)");
-    let mut agent = command_in(&cg.path, std::path::Path::new("/usr/bin/python3"))
+    let mut agent = command_in(&cg.path, Path::new("/usr/bin/python3"))
         .args(["-c", &script])
         .stdout(std::process::Stdio::piped())
         .spawn()

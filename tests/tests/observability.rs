@@ -108,7 +108,8 @@ fn sighup_reloads_the_policy_and_a_bad_one_is_refused() {
     let p = policy("reload", "enforce", "    default: deny\n");
     let c = Controller::attach(cg.arg(), &p, &["--metrics-addr", &addr]);
     assert_eq!(probe_in(&cg.path, &t), vec!["EPERM"]);
-    let hangup = || unsafe { libc::kill(c.child.id() as i32, libc::SIGHUP) };
+    let hangup =
+        || nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.child.id() as i32), nix::sys::signal::Signal::SIGHUP);
     let wait_for = |series: &str, value: f64| {
         let start = Instant::now();
         while metric(&addr, series) < value {
@@ -118,12 +119,12 @@ fn sighup_reloads_the_policy_and_a_bad_one_is_refused() {
     };
 
     std::fs::write(&p.0, format!("apiVersion: enforcer/v1\nkind: AgentPolicy\nmetadata:\n  name: reload\nspec:\n  network:\n    allow:\n      - ip: 127.0.0.1\n        ports: [{port}]\n")).unwrap();
-    hangup();
+    hangup().expect("SIGHUP to the controller");
     wait_for(r#"enforcer_policy_reloads_total{result="ok"}"#, 1.0);
     assert_eq!(probe_in(&cg.path, &t), vec!["ok"], "the reloaded policy is in force");
 
     std::fs::write(&p.0, "apiVersion: enforcer/v1\nkind: AgentPolicy\nmetadata:\n  name: reload\nspec:\n  network:\n    allow:\n      - ip: 127.0.0.1/40\n").unwrap();
-    hangup();
+    hangup().expect("SIGHUP to the controller");
     wait_for(r#"enforcer_policy_reloads_total{result="error"}"#, 1.0);
     assert_eq!(probe_in(&cg.path, &t), vec!["ok"], "a refused reload leaves the policy in force");
     let logs = c.stderr_lines.lock().unwrap().join("\n");

@@ -246,6 +246,7 @@ pub fn guest_lsm_files_bench(iterations: u32) -> anyhow::Result<()> {
                     };
                     let result = timed(&confined, &mut setup.confined, &mut setup.prog_confined)
                         .and_then(|()| timed(&outside, &mut setup.outside, &mut setup.prog_outside));
+                    // SAFETY: closes the program fd this round loaded; nothing else holds it.
                     unsafe { libc::close(prog) };
                     result
                 })();
@@ -315,7 +316,8 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 /// SIGTERM, then SIGKILL after STOP_GRACE, saying so: a controller that ignores SIGTERM
 /// is a bug to report, not a reason to hang the bench.
 fn stop_controller(controller: &mut Child) {
-    unsafe { libc::kill(controller.id() as i32, libc::SIGTERM) };
+    let _ =
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(controller.id() as i32), nix::sys::signal::Signal::SIGTERM);
     let start = Instant::now();
     while start.elapsed() < STOP_GRACE {
         if let Ok(Some(_)) = controller.try_wait() {
@@ -358,7 +360,7 @@ fn events_bench(mount: &Path) -> anyhow::Result<()> {
         )?;
         let events = dir.join("events.jsonl");
         let metrics = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            let l = TcpListener::bind("127.0.0.1:0")?;
             l.local_addr()?.to_string()
         };
         let mut controller = attach_with(
@@ -377,16 +379,16 @@ fn events_bench(mount: &Path) -> anyhow::Result<()> {
             let generated = run_worker_raw("events", &cgroup, 0)?;
             let generated: u64 = generated.split_whitespace().next().unwrap_or("0").parse()?;
             // Wait until the controller has written what it will write.
-            let mut last = (0, std::time::Instant::now());
+            let mut last = (0, Instant::now());
             loop {
                 let written = scrape(&metrics, "enforcer_events_written_total{");
-                if written >= generated as f64 || last.1.elapsed() > std::time::Duration::from_secs(5) {
+                if written >= generated as f64 || last.1.elapsed() > Duration::from_secs(5) {
                     break;
                 }
                 if written as u64 != last.0 {
-                    last = (written as u64, std::time::Instant::now());
+                    last = (written as u64, Instant::now());
                 }
-                std::thread::sleep(std::time::Duration::from_millis(200));
+                std::thread::sleep(Duration::from_millis(200));
             }
             let written = scrape(&metrics, "enforcer_events_written_total{");
             let dropped = scrape(&metrics, "enforcer_events_dropped_total{");
@@ -494,6 +496,7 @@ fn measure_all(cgroups: &[PathBuf], iterations: u32) -> anyhow::Result<Vec<Row>>
         Ok(rows)
     })();
     for fd in prog_fds.into_iter().skip(2).flatten() {
+        // SAFETY: program fds this function loaded and nothing else holds.
         unsafe { libc::close(fd) };
     }
     for mut c in controllers {
@@ -603,6 +606,7 @@ fn enforcer_prog(cgroup: &Path, name: &str) -> anyhow::Result<i32> {
     attr[0..8].copy_from_slice(&(c_pin.as_ptr() as u64).to_ne_bytes());
     let link_fd = bpf(BPF_OBJ_GET, &mut attr).context("opening the pinned link")?;
     let info = fs::read_to_string(format!("/proc/self/fdinfo/{link_fd}"))?;
+    // SAFETY: the link fd BPF_OBJ_GET just gave us; nothing else holds it.
     unsafe { libc::close(link_fd) };
     let prog_id: u32 = info
         .lines()
@@ -694,7 +698,7 @@ fn worker(kind: &str, iterations: u32) -> anyhow::Result<()> {
             let mut tick = 0u64;
             while tick < EVENT_SECS * 1000 {
                 // Sleep, not spin: the controller under test shares the 2 cores.
-                let due = start + std::time::Duration::from_millis(tick);
+                let due = start + Duration::from_millis(tick);
                 if let Some(wait) = due.checked_duration_since(Instant::now()) {
                     std::thread::sleep(wait);
                 }
@@ -730,6 +734,7 @@ fn worker(kind: &str, iterations: u32) -> anyhow::Result<()> {
 /// exhaust the ephemeral ports.
 fn reset_on_close(stream: &TcpStream) {
     let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: the stream's fd is open; setsockopt reads a `linger` of the size given.
     unsafe {
         libc::setsockopt(
             stream.as_raw_fd(),
@@ -782,16 +787,7 @@ fn report(rows: &[Row]) {
 }
 
 fn cgroup2_mount() -> anyhow::Result<PathBuf> {
-    let info = fs::read_to_string("/proc/self/mountinfo")?;
-    info.lines()
-        .find_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            if right.split_whitespace().next()? != "cgroup2" {
-                return None;
-            }
-            Some(PathBuf::from(left.split_whitespace().nth(4)?))
-        })
-        .context("no cgroup2 mount")
+    enforcer_common::host::cgroup2_mount().context("no cgroup2 mount")
 }
 
 /// `r0 = 1; exit` on connect4, attached with BPF_PROG_ATTACH; detached on drop.
@@ -810,6 +806,8 @@ const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 const BPF_F_ALLOW_MULTI: u32 = 2;
 
 fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> std::io::Result<i32> {
+    // SAFETY: bpf(2) reads and writes at most the 128 bytes of `attr`; any pointer in it
+    // is the caller's and outlives the call.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), 128u32) };
     if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(rc as i32) }
 }
@@ -847,6 +845,7 @@ impl Drop for EmptyProgram {
         attr[4..8].copy_from_slice(&(self.prog_fd as u32).to_ne_bytes());
         attr[8..12].copy_from_slice(&BPF_CGROUP_INET4_CONNECT.to_ne_bytes());
         let _ = bpf(BPF_PROG_DETACH, &mut attr);
+        // SAFETY: the program fd this value owns, closed once on drop.
         unsafe { libc::close(self.prog_fd) };
     }
 }

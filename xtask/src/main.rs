@@ -28,6 +28,9 @@ enum Task {
     Setup,
     /// Build the release binary.
     Build,
+    /// rustfmt and clippy (-D warnings, with the workspace lints: every unsafe block
+    /// has a SAFETY comment) on every crate, the kernel programs included.
+    Lint,
     /// Attach policies/default.yaml to a demo cgroup, run a small agent in it that tries
     /// allowed and forbidden destinations on loopback, and print the decisions.
     Demo,
@@ -105,6 +108,10 @@ fn main() -> anyhow::Result<()> {
         Task::Build => {
             setup()?;
             build_release()
+        }
+        Task::Lint => {
+            setup()?;
+            lint()
         }
         Task::Demo => {
             setup()?;
@@ -191,9 +198,18 @@ fn setup() -> anyhow::Result<()> {
         .args(["component", "list", "--installed", "--toolchain", "nightly"])
         .output()
         .context("rustup component list")?;
-    if !String::from_utf8_lossy(&components.stdout).lines().any(|l| l.starts_with("rust-src")) {
-        step("adding rust-src to nightly");
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    let installed = String::from_utf8_lossy(&components.stdout).into_owned();
+    for component in ["rust-src", "clippy"] {
+        if !installed.lines().any(|l| l.starts_with(component)) {
+            step(&format!("adding {component} to nightly (the kernel programs build and lint with it)"));
+            run(Command::new("rustup").args(["component", "add", component, "--toolchain", "nightly"]))?;
+        }
+    }
+    for (tool, component) in [("cargo-fmt", "rustfmt"), ("cargo-clippy", "clippy")] {
+        if !succeeds(Command::new(tool).arg("--version")) {
+            step(&format!("adding {component} to the default toolchain"));
+            run(Command::new("rustup").args(["component", "add", component]))?;
+        }
     }
     if !succeeds(Command::new("bpf-linker").arg("--version")) {
         step("installing bpf-linker for LLVM 22 (about a minute)");
@@ -243,8 +259,31 @@ fn enforcer_bin() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target/release/enforcer"))
 }
 
+/// rustfmt, then clippy with -D warnings: the host crates with the stable toolchain,
+/// the kernel programs with nightly for their own target (what aya-build compiles).
+fn lint() -> anyhow::Result<()> {
+    step("lint: rustfmt");
+    run(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
+    step("lint: clippy on the host crates (-D warnings)");
+    run(Command::new("cargo").args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--exclude",
+        "enforcer-ebpf",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    step("lint: clippy on the kernel programs (bpfel-unknown-none, -D warnings)");
+    run(Command::new("cargo")
+        .args(["+nightly", "clippy", "--target", "bpfel-unknown-none", "-Z", "build-std=core", "--", "-D", "warnings"])
+        .current_dir(workspace_root().join("enforcer-ebpf")))
+}
+
 fn test(filter: Option<&str>) -> anyhow::Result<()> {
     let mut tally = Tally::default();
+    lint()?;
     step("unit tests (no root needed)");
     tally.run(Command::new("cargo").args([
         "test",
@@ -337,7 +376,9 @@ fn demo() -> anyhow::Result<()> {
         ("tcp:127.0.0.1:8081", "denied: rule no-admin-port wins over the allow"),
         ("udp:127.0.0.1:8053", "allowed: UDP to the same range"),
         ("tcp:127.0.0.2:8080", "denied: not in any allow rule (default deny)"),
-        ("sendto:169.254.169.254:80", "denied: cloud metadata endpoint"),
+        // A loopback stand-in for 169.254.169.254: a broken rule must not let a demo's
+        // packet leave the machine.
+        ("sendto:127.0.0.169:80", "denied: rule metadata-stand-in (for the cloud metadata address)"),
         ("tcp:[::ffff:127.0.0.1]:8081", "denied: IPv4-mapped IPv6 is judged by the IPv4 rules"),
         ("raw", "denied: no CAP_NET_RAW as nobody; the policy refuses raw sockets even to root"),
     ];

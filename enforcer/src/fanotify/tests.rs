@@ -176,6 +176,7 @@ fn child_helper() {
             let (tid, e) = std::thread::spawn(move || {
                 // SAFETY: plain syscalls.
                 let tid = unsafe { libc::gettid() };
+                // SAFETY: a NUL-terminated path; the fd is checked and closed by close_ok.
                 let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
                 (tid, close_ok(fd))
             })
@@ -191,6 +192,7 @@ fn child_helper() {
                 // SAFETY: plain syscalls.
                 let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
                 assert!(fd >= 0, "open: {}", io::Error::last_os_error());
+                // SAFETY: the fd just opened above, closed once.
                 unsafe { libc::close(fd) };
             }
             println!("CHILD ns_per_open={}", started.elapsed().as_nanos() / u128::from(n));
