@@ -271,4 +271,3 @@ impl std::fmt::Display for Probe {
         }
     }
 }
-
