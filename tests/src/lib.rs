@@ -23,6 +23,24 @@ pub fn enforcer_bin() -> PathBuf {
     }
 }
 
+/// A copy of the enforcer binary that any user can run, for agents started as an
+/// unprivileged user (`run --user nobody`): the checkout may sit in a directory only
+/// root can enter (/root, a 0700 temporary directory). One copy per test process.
+pub fn enforcer_bin_for_anyone() -> PathBuf {
+    static COPY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    COPY.get_or_init(|| {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("enforcer-tests-bin-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("a directory for the binary");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod the directory");
+        let copy = dir.join("enforcer");
+        fs::copy(enforcer_bin(), &copy).expect("copy the enforcer binary");
+        fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).expect("chmod the copy");
+        copy
+    })
+    .clone()
+}
+
 /// These tests attach BPF programs: without root they cannot say anything, so they fail
 /// loudly instead of passing silently.
 pub fn require_root() {

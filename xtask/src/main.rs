@@ -389,7 +389,18 @@ fn demo() -> anyhow::Result<()> {
     if let Some(u) = user {
         cmd.args(["--user", u]);
     }
-    cmd.arg("--").arg(enforcer_bin()).arg("probe").args(targets.iter().map(|t| t.0));
+    // The agent runs as nobody, who may not enter the checkout (/root is 0700): it gets
+    // a copy of the binary in a directory anyone can read.
+    let agent_dir = std::env::temp_dir().join(format!("enforcer-demo-{}", std::process::id()));
+    let agent_bin = agent_dir.join("enforcer");
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::create_dir_all(&agent_dir)?;
+        std::fs::set_permissions(&agent_dir, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::copy(enforcer_bin(), &agent_bin).context("copying enforcer for the demo agent")?;
+        std::fs::set_permissions(&agent_bin, std::fs::Permissions::from_mode(0o755))?;
+    }
+    cmd.arg("--").arg(&agent_bin).arg("probe").args(targets.iter().map(|t| t.0));
     let output = cmd.stderr(Stdio::piped()).stdout(Stdio::piped()).spawn().context("starting enforcer run")?;
     let mut stdout = String::new();
     let mut child = output;
@@ -397,6 +408,7 @@ fn demo() -> anyhow::Result<()> {
     let events = std::thread::spawn(move || BufReader::new(stderr).lines().map_while(Result::ok).collect::<Vec<_>>());
     child.stdout.take().expect("piped").read_to_string(&mut stdout)?;
     let status = child.wait()?;
+    let _ = std::fs::remove_dir_all(&agent_dir);
     let events = events.join().expect("reader thread");
     println!("\nWhat the agent saw:");
     for (line, (_, why)) in stdout.lines().zip(targets.iter()) {
