@@ -13,9 +13,10 @@ use enforcer_common::{
 /// `BPF_F_MMAPABLE` (include/uapi/linux/bpf.h).
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
-/// binding (one per attached cgroup) -> cgroup id and policy slot.
+/// binding (one per attached cgroup) -> cgroup id and policy slot. Mappable: the
+/// controller stores each field on its own (the kill switch with no lock).
 #[map(name = "ENF_BINDINGS")]
-pub static ENF_BINDINGS: Array<Binding> = Array::pinned(limits::MAX_BINDINGS, 0);
+pub static ENF_BINDINGS: Array<Binding> = Array::pinned(limits::MAX_BINDINGS, BPF_F_MMAPABLE);
 
 /// slot -> settings of the policy in that slot.
 #[map(name = "ENF_POLICIES")]

@@ -5,19 +5,17 @@
 //! `/run/enforcer/seen`, so a restarted controller does not alert on all of them again.
 use std::{
     collections::{HashMap, HashSet, VecDeque},
-    fs,
-    io::Write as _,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use crate::{
     events::{AlertDetail, Category, Enforcer, Event, EventInfo, Kind, Rule, Type},
     model::policy::Alerts,
+    state::SeenStore,
 };
 
 pub struct Detector {
-    seen_dir: PathBuf,
+    store: SeenStore,
     /// Recent denials per cgroup id.
     denials: HashMap<u64, VecDeque<Instant>>,
     /// When a cgroup last raised a burst alert: one alert per window.
@@ -26,8 +24,8 @@ pub struct Detector {
 }
 
 impl Detector {
-    pub fn new(seen_dir: PathBuf) -> Self {
-        Self { seen_dir, denials: HashMap::new(), last_burst: HashMap::new(), seen: HashMap::new() }
+    pub fn new(store: SeenStore) -> Self {
+        Self { store, denials: HashMap::new(), last_burst: HashMap::new(), seen: HashMap::new() }
     }
 
     /// The alerts `event` raises under `alerts`, observed at `now`.
@@ -66,25 +64,16 @@ impl Detector {
         out
     }
 
-    fn seen_file(&self, policy: &str) -> PathBuf {
-        self.seen_dir.join(format!("{policy}.txt"))
-    }
-
     /// Records a destination; true when the policy had not reached it before.
     fn first_sight(&mut self, policy: &str, destination: &str) -> bool {
         if !self.seen.contains_key(policy) {
-            let known = fs::read_to_string(self.seen_file(policy)).unwrap_or_default();
-            self.seen.insert(policy.to_string(), known.lines().map(String::from).collect());
+            self.seen.insert(policy.to_string(), self.store.load(policy).into_iter().collect());
         }
         let set = self.seen.get_mut(policy).expect("inserted above");
         if !set.insert(destination.to_string()) {
             return false;
         }
-        // Best effort: without the file the alert still fires, once per controller.
-        let _ = fs::create_dir_all(&self.seen_dir);
-        if let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(self.seen_file(policy)) {
-            let _ = writeln!(f, "{destination}");
-        }
+        self.store.append(policy, destination);
         true
     }
 }
@@ -116,6 +105,8 @@ fn alert(event: &Event, rule: &str, message: String, detail: AlertDetail) -> Eve
 
 #[cfg(test)]
 mod tests {
+    use std::{fs, path::PathBuf};
+
     use super::*;
     use crate::{
         events::{Cgroup, Destination, PolicyRef},
@@ -150,7 +141,7 @@ mod tests {
     #[test]
     fn a_burst_alerts_at_its_threshold_not_below_and_once_per_window() {
         let alerts = Alerts { denial_burst: Some(Burst { count: 3, window_secs: 10 }), new_destination: false };
-        let mut d = Detector::new(dir("burst"));
+        let mut d = Detector::new(SeenStore::new(dir("burst")));
         let t0 = Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
         assert!(d.observe(&denial(1), &alerts, at(0)).is_empty());
@@ -172,13 +163,13 @@ mod tests {
         let alerts = Alerts { denial_burst: None, new_destination: true };
         let seen = dir("seen");
         let now = Instant::now();
-        let mut d = Detector::new(seen.clone());
+        let mut d = Detector::new(SeenStore::new(seen.clone()));
         let fired = d.observe(&allowed("10.0.0.1", 443), &alerts, now);
         assert_eq!(fired.len(), 1);
         assert_eq!(fired[0].destination.as_ref().map(|d| d.port), Some(443));
         assert!(d.observe(&allowed("10.0.0.1", 443), &alerts, now).is_empty());
         assert_eq!(d.observe(&allowed("10.0.0.1", 80), &alerts, now).len(), 1, "another port is another destination");
-        let mut restarted = Detector::new(seen.clone());
+        let mut restarted = Detector::new(SeenStore::new(seen.clone()));
         assert!(restarted.observe(&allowed("10.0.0.1", 443), &alerts, now).is_empty(), "remembered across restarts");
         let off = Alerts { denial_burst: None, new_destination: false };
         assert!(restarted.observe(&allowed("10.9.9.9", 1), &off, now).is_empty());

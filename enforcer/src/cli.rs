@@ -220,6 +220,17 @@ pub enum Probe {
     DnsUdp(String, SocketAddr),
     /// The same over TCP; the peer's address (getpeername) must be the one asked.
     DnsTcp(String, SocketAddr),
+    /// PTRACE_SEIZE of a process (released when the probe exits).
+    Ptrace(u32),
+    /// process_vm_readv of a process (a fault reading counts as let through).
+    VmRead(u32),
+    /// kill(pid, 0): may a signal reach the process?
+    Signal(u32),
+    /// A stream connect to a unix socket: a path, or `@name` for an abstract one.
+    Unix(String),
+    /// socket() of a family the network rules do not judge: `netlink-route`,
+    /// `netlink-uevent`, `vsock`, `alg`, `packet`.
+    Socket(String),
 }
 
 impl std::str::FromStr for Probe {
@@ -232,6 +243,19 @@ impl std::str::FromStr for Probe {
         }
         if let Some(path) = s.strip_prefix("reopen:") {
             return Ok(Self::Reopen(path.into()));
+        }
+        if let Some(target) = s.strip_prefix("unix:") {
+            return Ok(Self::Unix(target.into()));
+        }
+        if let Some(family) = s.strip_prefix("socket:") {
+            return Ok(Self::Socket(family.into()));
+        }
+        for (prefix, make) in
+            [("ptrace:", Self::Ptrace as fn(u32) -> Self), ("vm-read:", Self::VmRead), ("signal:", Self::Signal)]
+        {
+            if let Some(pid) = s.strip_prefix(prefix) {
+                return pid.parse().map(make).map_err(|e| format!("{s:?}: {e} (expected {prefix}PID)"));
+            }
         }
         for (prefix, tcp) in [("dns-udp:", false), ("dns-tcp:", true)] {
             if let Some(rest) = s.strip_prefix(prefix) {
@@ -268,6 +292,11 @@ impl std::fmt::Display for Probe {
             Self::Reopen(p) => write!(f, "reopen:{}", p.display()),
             Self::DnsUdp(name, a) => write!(f, "dns-udp:{name}@{a}"),
             Self::DnsTcp(name, a) => write!(f, "dns-tcp:{name}@{a}"),
+            Self::Ptrace(pid) => write!(f, "ptrace:{pid}"),
+            Self::VmRead(pid) => write!(f, "vm-read:{pid}"),
+            Self::Signal(pid) => write!(f, "signal:{pid}"),
+            Self::Unix(target) => write!(f, "unix:{target}"),
+            Self::Socket(family) => write!(f, "socket:{family}"),
         }
     }
 }

@@ -25,20 +25,36 @@ pub fn enforcer_bin() -> PathBuf {
 
 /// A copy of the enforcer binary that any user can run, for agents started as an
 /// unprivileged user (`run --user nobody`): the checkout may sit in a directory only
-/// root can enter (/root, a 0700 temporary directory). One copy per test process.
-pub fn enforcer_bin_for_anyone() -> PathBuf {
-    static COPY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    COPY.get_or_init(|| {
+/// root can enter (/root, a 0700 temporary directory). Removed on drop.
+pub struct AgentBinary {
+    pub path: PathBuf,
+}
+
+impl AgentBinary {
+    pub fn new() -> Self {
         use std::os::unix::fs::PermissionsExt as _;
-        let dir = std::env::temp_dir().join(format!("enforcer-tests-bin-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(unique("bin"));
         fs::create_dir_all(&dir).expect("a directory for the binary");
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod the directory");
-        let copy = dir.join("enforcer");
-        fs::copy(enforcer_bin(), &copy).expect("copy the enforcer binary");
-        fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).expect("chmod the copy");
-        copy
-    })
-    .clone()
+        let path = dir.join("enforcer");
+        fs::copy(enforcer_bin(), &path).expect("copy the enforcer binary");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod the copy");
+        Self { path }
+    }
+}
+
+impl Default for AgentBinary {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for AgentBinary {
+    fn drop(&mut self) {
+        if let Some(dir) = self.path.parent() {
+            let _ = fs::remove_dir_all(dir);
+        }
+    }
 }
 
 /// These tests attach BPF programs: without root they cannot say anything, so they fail

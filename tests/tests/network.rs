@@ -280,14 +280,13 @@ fn run_confines_the_command_as_the_given_user_and_cleans_up() {
     let closed = loopback_port("127.0.0.1");
     let p = policy("run", "enforce", &allow_one_port(port));
     // The agent runs as nobody: it gets a copy of the binary it may execute.
-    let agent_bin = enforcer_bin_for_anyone();
+    let agent_bin = AgentBinary::new();
     let out = std::process::Command::new(enforcer_bin())
         .args(["run", "--policy", p.arg(), "--user", "nobody", "--"])
         .arg("/bin/sh")
         .arg("-c")
-        .arg(format!("id -u; {} probe tcp:127.0.0.1:{port} tcp:127.0.0.1:{closed}; exit 7", agent_bin.display()))
+        .arg(format!("id -u; {} probe tcp:127.0.0.1:{port} tcp:127.0.0.1:{closed}; exit 7", agent_bin.path.display()))
         .output_within();
-    let _ = fs::remove_dir_all(agent_bin.parent().expect("the copy's directory"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(7), "run exits with the command's status; stderr:\n{stderr}");

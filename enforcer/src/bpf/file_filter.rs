@@ -1,42 +1,23 @@
 //! `ENF_FILE_FILTER` mapped into this process: the kernel's filter of listed inodes and
 //! the records beside it (see `enforcer_common::FileFilter`).
-use std::os::fd::AsFd as _;
-use std::{io, num::NonZeroUsize, ptr::NonNull};
-
 use enforcer_common::{FileEntry, FileFilter, FileRecord, names};
-use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 
-use super::{BpfError, maps_dir, pins::open_pinned_data};
+use super::{BpfError, mapping::Mapping};
 
 /// `ENF_FILE_FILTER` mapped into this process. Bytes are set in place: writing the
 /// map's value whole would overwrite bytes the kernel set in the meantime. Records are
 /// written word by word in the order `FileRecord` asks for.
 pub(super) struct FileFilterMap {
     bytes: *mut u8,
-    _map: aya::maps::MapData,
+    _mapping: Mapping,
 }
-
-// SAFETY: the mapping is plain shared memory owned by this value; the pointer is only
-// written through `&mut self`.
-unsafe impl Send for FileFilterMap {}
 
 impl FileFilterMap {
     const SIZE: usize = size_of::<FileFilter>();
 
     pub(super) fn open_pinned() -> Result<Self, BpfError> {
-        let map = open_pinned_data(names::MAP_FILE_FILTER)?;
-        let size = NonZeroUsize::new(Self::SIZE).expect("the filter is not empty");
-        // SAFETY: a fresh shared mapping of the map's one value (a multiple of the page
-        // size, BPF_F_MMAPABLE); nothing else in this process aliases it; unmapped on drop.
-        let bytes = unsafe {
-            mmap(None, size, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, map.fd().as_fd(), 0)
-        }
-        .map_err(|e| BpfError::Io {
-            what: "mapping",
-            path: maps_dir().join(names::MAP_FILE_FILTER),
-            source: io::Error::from(e),
-        })?;
-        Ok(Self { bytes: bytes.as_ptr().cast(), _map: map })
+        let mapping = Mapping::open_pinned(names::MAP_FILE_FILTER, Self::SIZE)?;
+        Ok(Self { bytes: mapping.at(0), _mapping: mapping })
     }
 
     /// Marks an inode before its entry is inserted.
@@ -78,16 +59,6 @@ impl FileFilterMap {
                     (&raw mut (*record).dev_slot).write_volatile(0);
                 }
             }
-        }
-    }
-}
-
-impl Drop for FileFilterMap {
-    fn drop(&mut self) {
-        if let Some(bytes) = NonNull::new(self.bytes.cast()) {
-            // SAFETY: the mapping made in `open_pinned`, unmapped once; no reference into
-            // it outlives `self`.
-            let _ = unsafe { munmap(bytes, Self::SIZE) };
         }
     }
 }

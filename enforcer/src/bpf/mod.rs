@@ -9,9 +9,11 @@
 //!
 //! Ordering keeps enforcement fail-closed: a policy is written to a free slot and only
 //! then is the cgroup flipped to it; new links are pinned before old ones are removed.
+mod bindings;
 pub mod btf;
 mod file_filter;
 pub mod learned;
+mod mapping;
 pub mod pins;
 pub mod programs;
 pub mod tables;

@@ -8,7 +8,7 @@ use enforcer_common::{
     SLOT_PREFIX_BITS, decision_index, hook, limits, names, verdict,
 };
 
-use super::{BpfError, LearnedTables, file_filter::FileFilterMap, pins, pins::typed_map};
+use super::{BpfError, LearnedTables, bindings::Bindings, file_filter::FileFilterMap, pins, pins::typed_map};
 use crate::model::{CompiledPolicy, file_tables::Pending};
 
 /// Where the binding's DNS proxy listens: a controller sets it; a process that only
@@ -21,7 +21,7 @@ pub enum DnsPort {
 
 /// The pinned policy tables and counters.
 pub struct Tables {
-    bindings: Array<MapData, Binding>,
+    bindings: Bindings,
     policies: Array<MapData, PolicyConfig>,
     net4: LpmTrie<MapData, Net4Key, PrefixClauses>,
     net6: LpmTrie<MapData, Net6Key, PrefixClauses>,
@@ -35,7 +35,7 @@ impl Tables {
     pub fn open_pinned() -> Result<Self, BpfError> {
         pins::check_pinned_layouts()?;
         Ok(Self {
-            bindings: typed_map!(names::MAP_BINDINGS),
+            bindings: Bindings::open_pinned()?,
             policies: typed_map!(names::MAP_POLICIES),
             net4: typed_map!(names::MAP_NET4),
             net6: typed_map!(names::MAP_NET6),
@@ -46,23 +46,18 @@ impl Tables {
         })
     }
 
-    /// cgroup id -> (binding index, binding), for every confined cgroup.
+    /// cgroup id -> (binding index, binding), for every confined cgroup (a binding
+    /// reserved by an attach still verifying its programs has slot 0).
     fn bound(&self) -> BTreeMap<u64, (u32, Binding)> {
-        (1..limits::MAX_BINDINGS)
-            .filter_map(|i| self.bindings.get(&i, 0).ok().map(|b| (i, b)))
-            .filter(|(_, b)| b.cgroup_id != 0)
-            .map(|(i, b)| (b.cgroup_id, (i, b)))
-            .collect()
+        self.bindings.in_use()
     }
 
-    /// Turns the kill switch of a confined cgroup on or off (one map update). Returns
-    /// false when the cgroup is not confined.
-    pub fn set_isolated(&mut self, cgroup_id: u64, on: bool) -> Result<bool, BpfError> {
-        let Some(&(index, binding)) = self.bound().get(&cgroup_id) else { return Ok(false) };
-        self.bindings
-            .set(index, Binding { isolated: on as u16, ..binding }, 0)
-            .map_err(|source| BpfError::Map { name: names::MAP_BINDINGS, source })?;
-        Ok(true)
+    /// Turns the kill switch of a confined cgroup on or off: one store into the binding,
+    /// no lock (see `Bindings`). Returns false when the cgroup is not confined.
+    pub fn set_isolated(&self, cgroup_id: u64, on: bool) -> bool {
+        let Some(&(index, _)) = self.bound().get(&cgroup_id) else { return false };
+        self.bindings.set_isolated(index, on);
+        true
     }
 
     pub fn is_isolated(&self, cgroup_id: u64) -> bool {
@@ -78,14 +73,25 @@ impl Tables {
         self.bound().get(&cgroup_id).map(|(_, b)| b.slot)
     }
 
-    /// The cgroup's binding, or a free one for a first attach.
-    pub fn binding_for(&self, cgroup_id: u64) -> Result<u32, BpfError> {
+    /// The cgroup's binding; for a cgroup not bound yet, a free binding reserved for it
+    /// (no policy: its programs, once attached, deny until `bind`). Call with the
+    /// `StateLock` held; `uninstall` frees it again.
+    pub fn reserve_binding(&mut self, cgroup_id: u64) -> Result<u32, BpfError> {
         let bound = self.bound();
         if let Some(&(binding, _)) = bound.get(&cgroup_id) {
             return Ok(binding);
         }
         let used: BTreeSet<u32> = bound.values().map(|&(b, _)| b).collect();
-        (1..limits::MAX_BINDINGS).find(|b| !used.contains(b)).ok_or(BpfError::NoFreeBinding(limits::MAX_BINDINGS - 1))
+        let binding = (1..limits::MAX_BINDINGS)
+            .find(|b| !used.contains(b))
+            .ok_or(BpfError::NoFreeBinding(limits::MAX_BINDINGS - 1))?;
+        self.bindings.reserve(binding, cgroup_id);
+        Ok(binding)
+    }
+
+    /// The cgroup's binding, if it has one.
+    pub fn binding_of(&self, cgroup_id: u64) -> Option<u32> {
+        self.bound().get(&cgroup_id).map(|&(b, _)| b)
     }
 
     pub fn config(&self, slot: u32) -> Option<PolicyConfig> {
@@ -113,9 +119,9 @@ impl Tables {
         Ok(slot)
     }
 
-    /// Points the cgroup's binding at a prepared slot (one map update: the programs see
-    /// the old or the new policy), then empties the slot it held before and returns that
-    /// slot. On error the cgroup keeps its previous policy (the caller discards `slot`).
+    /// Points the cgroup's binding at a prepared slot (one store: the programs see the
+    /// old or the new slot), then empties the slot it held before and returns that slot.
+    /// Only `slot` and `dns_port` are written: a kill switch set meanwhile stays set.
     pub fn bind(
         &mut self,
         binding: u32,
@@ -123,17 +129,16 @@ impl Tables {
         slot: u32,
         dns_port: DnsPort,
     ) -> Result<Option<u32>, BpfError> {
-        // A new policy does not lift the kill switch; only `release` does.
-        let current = self.bound().get(&cgroup_id).map(|(_, b)| *b);
-        let isolated = current.map_or(0, |b| b.isolated);
+        let current = self.bindings.get(binding);
+        if current.cgroup_id != cgroup_id {
+            self.bindings.reserve(binding, cgroup_id);
+        }
         let dns_port = match dns_port {
-            DnsPort::Keep => current.map_or(0, |b| b.dns_port),
+            DnsPort::Keep => current.dns_port,
             DnsPort::Set(port) => port,
         };
-        self.bindings
-            .set(binding, Binding { cgroup_id, slot, isolated, dns_port }, 0)
-            .map_err(|source| BpfError::Map { name: names::MAP_BINDINGS, source })?;
-        match current.map(|b| b.slot).filter(|&old| old != slot) {
+        self.bindings.point(binding, slot, dns_port);
+        match Some(current.slot).filter(|&old| current.cgroup_id == cgroup_id && old != 0 && old != slot) {
             Some(old) => self.clear_slot(old).map(|()| Some(old)),
             None => Ok(None),
         }
@@ -216,15 +221,16 @@ impl Tables {
         Ok(())
     }
 
-    /// Forgets a cgroup's policy (after its links are gone).
+    /// Forgets a cgroup's policy (after its links are gone) and frees its binding;
+    /// returns the slot it held.
     pub fn uninstall(&mut self, cgroup_id: u64) -> Result<Option<u32>, BpfError> {
         let Some(&(binding, Binding { slot, .. })) = self.bound().get(&cgroup_id) else { return Ok(None) };
-        self.bindings
-            .set(binding, Binding { cgroup_id: 0, slot: 0, isolated: 0, dns_port: 0 }, 0)
-            .map_err(|source| BpfError::Map { name: names::MAP_BINDINGS, source })?;
-        self.clear_slot(slot)?;
+        self.bindings.release(binding);
+        if slot != 0 {
+            self.clear_slot(slot)?;
+        }
         LearnedTables::open_pinned()?.forget(binding, |_| true);
-        Ok(Some(slot))
+        Ok(Some(slot).filter(|&s| s != 0))
     }
 
     fn sum(values: Result<PerCpuValues<u64>, aya::maps::MapError>) -> u64 {

@@ -81,7 +81,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let cgroup_id = session.confinement.id;
     let outcome = (|| -> anyhow::Result<i32> {
-        let mut child = spawn::spawn_confined(&path, &args.command, run_as.as_ref())?;
+        let hardening = spawn::Hardening::new(&policy.ipc)?;
+        let mut child = spawn::spawn_confined(&path, &args.command, run_as.as_ref(), hardening)?;
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         runtime()?.block_on(async {
             session::start_metrics(args.metrics_addr.as_deref()).await?;

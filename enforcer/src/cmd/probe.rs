@@ -10,6 +10,7 @@ use std::{
 
 use crate::cli::Probe;
 use nix::sys::socket::{AddressFamily, SockFlag, SockProtocol, SockType, SockaddrLike as _, SockaddrStorage, socket};
+use nix::unistd::Pid;
 
 fn errno_name(e: &io::Error) -> String {
     match e.raw_os_error() {
@@ -20,6 +21,8 @@ fn errno_name(e: &io::Error) -> String {
         Some(libc::ENETUNREACH) => "ENETUNREACH".into(),
         Some(libc::EHOSTUNREACH) => "EHOSTUNREACH".into(),
         Some(libc::EADDRNOTAVAIL) => "EADDRNOTAVAIL".into(),
+        Some(libc::EAFNOSUPPORT) => "EAFNOSUPPORT".into(),
+        Some(libc::ESRCH) => "ESRCH".into(),
         Some(n) => format!("errno-{n}"),
         None if e.kind() == io::ErrorKind::TimedOut => "ETIMEDOUT".into(),
         None => e.to_string(),
@@ -67,6 +70,44 @@ pub fn run(probe: &Probe) -> io::Result<()> {
                 return Err(io::Error::other(format!("from-{from}")));
             }
             dns_rcode(&buf[..n], id)
+        }
+        Probe::Ptrace(pid) => nix::sys::ptrace::seize(Pid::from_raw(*pid as i32), nix::sys::ptrace::Options::empty())
+            .map_err(io::Error::from),
+        Probe::VmRead(pid) => {
+            let mut byte = [0u8; 1];
+            let remote = [nix::sys::uio::RemoteIoVec { base: 0x1000, len: 1 }];
+            match nix::sys::uio::process_vm_readv(
+                Pid::from_raw(*pid as i32),
+                &mut [io::IoSliceMut::new(&mut byte)],
+                &remote,
+            ) {
+                // Past the permission check: the address is simply not mapped.
+                Ok(_) | Err(nix::errno::Errno::EFAULT | nix::errno::Errno::EIO) => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        }
+        Probe::Signal(pid) => nix::sys::signal::kill(Pid::from_raw(*pid as i32), None).map_err(io::Error::from),
+        Probe::Unix(target) => {
+            use std::os::unix::net::{SocketAddr as UnixAddr, UnixStream};
+            let addr = match target.strip_prefix('@') {
+                Some(name) => {
+                    use std::os::linux::net::SocketAddrExt as _;
+                    UnixAddr::from_abstract_name(name.as_bytes())?
+                }
+                None => UnixAddr::from_pathname(target)?,
+            };
+            UnixStream::connect_addr(&addr).map(drop)
+        }
+        Probe::Socket(family) => {
+            let (family, sock_type, protocol) = match family.as_str() {
+                "netlink-route" => (AddressFamily::Netlink, SockType::Raw, Some(SockProtocol::NetlinkRoute)),
+                "netlink-uevent" => (AddressFamily::Netlink, SockType::Raw, Some(SockProtocol::NetlinkKObjectUEvent)),
+                "vsock" => (AddressFamily::Vsock, SockType::Stream, None),
+                "alg" => (AddressFamily::Alg, SockType::SeqPacket, None),
+                "packet" => (AddressFamily::Packet, SockType::Datagram, None),
+                other => return Err(io::Error::other(format!("unknown-family-{other}"))),
+            };
+            socket(family, sock_type, SockFlag::SOCK_CLOEXEC, protocol).map(drop).map_err(io::Error::from)
         }
         Probe::DnsTcp(name, server) => {
             use std::io::{Read as _, Write as _};

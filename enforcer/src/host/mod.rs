@@ -29,6 +29,21 @@ pub fn rfc3339_nanos(unix_ns: i128) -> String {
     humantime::format_rfc3339_nanos(UNIX_EPOCH + since).to_string()
 }
 
+/// The Landlock ABI this kernel offers (0: none, or disabled at boot).
+pub fn landlock_abi() -> i32 {
+    const LANDLOCK_CREATE_RULESET_VERSION: libc::c_ulong = 1;
+    // SAFETY: the version query takes no ruleset (NULL, size 0) and writes nothing.
+    let abi = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    i32::try_from(abi).unwrap_or(0).max(0)
+}
+
 /// Whether `path` is a mounted bpffs.
 pub fn is_bpffs(path: &str) -> bool {
     nix::sys::statfs::statfs(path).is_ok_and(|st| st.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)

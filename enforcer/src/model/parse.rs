@@ -11,8 +11,8 @@ use serde::{Deserialize, Deserializer, de};
 
 use super::policy::{
     Action, Alerts, Burst, DEFAULT_BURST, DNS_MAX_LABEL, DNS_MAX_NAME, DnsSettings, DomainPattern, DomainRule,
-    FileList, FilePolicy, FileRule, MAX_FILE_RULES, MAX_NAME_LEN, MAX_RULES, Mode, NetRule, NetworkPolicy, Policy,
-    parse_net,
+    FileList, FilePolicy, FileRule, IpcPolicy, MAX_FILE_RULES, MAX_NAME_LEN, MAX_RULES, Mode, NetRule, NetworkPolicy,
+    Policy, SocketFamily, parse_net,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -368,6 +368,16 @@ struct RawSpec {
     files: Option<RawFiles>,
     #[serde(default)]
     dns: Option<RawDns>,
+    #[serde(default)]
+    ipc: RawIpc,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIpc {
+    /// Extra socket families (`vsock`, `packet`, `netlink`, ...).
+    #[serde(default)]
+    families: Vec<SocketFamily>,
 }
 
 #[derive(Deserialize)]
@@ -555,6 +565,14 @@ pub fn parse_policy_str(text: &str, origin: &str) -> Result<Policy, PolicyError>
             icmp: network.icmp,
         },
         dns,
+        ipc: IpcPolicy {
+            families: {
+                let mut families = raw.spec.ipc.families;
+                families.sort();
+                families.dedup();
+                families
+            },
+        },
         log_allowed: raw.spec.audit.log_allowed,
         files: match raw.spec.files {
             None => None,

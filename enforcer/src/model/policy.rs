@@ -116,6 +116,61 @@ pub struct Policy {
     /// through the controller's proxy.
     #[serde(default)]
     pub dns: Option<DnsSettings>,
+    /// `spec.ipc`: local IPC beyond the network rules.
+    #[serde(default)]
+    pub ipc: IpcPolicy,
+}
+
+/// `spec.ipc`. Sockets of families the network rules do not judge are refused unless
+/// listed here: AF_UNIX, AF_INET and AF_INET6 are always allowed (the rules judge inet;
+/// AF_UNIX is judged separately), and AF_NETLINK only for NETLINK_ROUTE, which the C
+/// library's name lookups use.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpcPolicy {
+    pub families: Vec<SocketFamily>,
+}
+
+/// A socket family `spec.ipc.families` may allow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SocketFamily {
+    /// Every NETLINK protocol (NETLINK_ROUTE is allowed without it).
+    Netlink,
+    Packet,
+    Vsock,
+    Xdp,
+    Alg,
+    Key,
+    Can,
+    Bluetooth,
+    Tipc,
+    Rds,
+    Llc,
+    Qipcrtr,
+    Smc,
+    Mctp,
+}
+
+impl SocketFamily {
+    /// The `AF_*` number.
+    pub fn number(self) -> u32 {
+        match self {
+            Self::Netlink => 16,
+            Self::Packet => 17,
+            Self::Vsock => 40,
+            Self::Xdp => 44,
+            Self::Alg => 38,
+            Self::Key => 15,
+            Self::Can => 29,
+            Self::Bluetooth => 31,
+            Self::Tipc => 30,
+            Self::Rds => 21,
+            Self::Llc => 26,
+            Self::Qipcrtr => 42,
+            Self::Smc => 43,
+            Self::Mctp => 45,
+        }
+    }
 }
 
 /// File-access capabilities. A path covers itself and everything beneath it; `write`

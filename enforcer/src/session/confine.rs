@@ -107,19 +107,17 @@ fn install(
 
 /// Writes the policy for the cgroup, then attaches the hooks (policy first, so the
 /// first decision already has it). A re-attach replaces the policy in one map update.
+///
+/// The state lock is held only around table changes: the programs verify (seconds, and
+/// minutes under emulation) without it, so other commands are not kept waiting; the
+/// binding they are loaded for is reserved first.
 pub fn confine(mount: &Path, path: &Path, base: &Policy, opts: &FileOptions) -> anyhow::Result<Confinement> {
     cgroup::check_safe_to_confine(mount, path)?;
     cgroup::create(path)?;
     let id = cgroup::cgroup_id(path)?;
     let shown = cgroup::display_path(mount, path);
-    let _lock = StateLock::acquire()?;
     // Grants outlive a re-attach until they expire.
     let compiled = compile_all(&grants::apply(base, &state::live_grants(id)), &opts.home)?;
-    let binding = match Tables::open_pinned() {
-        Ok(tables) => tables.binding_for(id)?,
-        Err(BpfError::NotAttached) => 1, // the first attach creates the tables
-        Err(e) => return Err(e.into()),
-    };
     // The proxy's port goes into the binding with the policy, so DNS is redirected from
     // the first decision on; its settings are checked before anything is attached.
     let dns = match &base.dns {
@@ -130,12 +128,47 @@ pub fn confine(mount: &Path, path: &Path, base: &Policy, opts: &FileOptions) -> 
         }
     };
     let dns_port = DnsPort::Set(dns.as_ref().map_or(0, |l| l.port));
+    let lock = StateLock::acquire()?;
+    let (binding, reserved, lock) = match Tables::open_pinned() {
+        Ok(mut tables) => {
+            let reserved = tables.binding_of(id).is_none();
+            let binding = tables.reserve_binding(id)?;
+            drop(lock);
+            (binding, reserved, None)
+        }
+        // The first attach creates the tables: it keeps the lock while it loads.
+        Err(BpfError::NotAttached) => (1, true, Some(lock)),
+        Err(e) => return Err(e.into()),
+    };
     let started = std::time::Instant::now();
-    let (mut programs, files) = backend::load_programs(mount, path, binding, &compiled, opts.backend)?;
-    info!(elapsed_ms = started.elapsed().as_millis() as u64, files = files.name(), "programs loaded and verified");
+    let loaded = backend::load_programs(mount, path, binding, &compiled, opts.backend);
+    let _lock = match lock {
+        Some(held) => held,
+        None => StateLock::acquire()?,
+    };
     let mut tables = Tables::open_pinned()?;
+    let forget = |tables: &mut Tables| {
+        if reserved && let Ok(Some(slot)) = tables.uninstall(id) {
+            state::remove_slot_info(slot);
+        }
+    };
+    let (mut programs, files) = match loaded {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            forget(&mut tables);
+            return Err(e);
+        }
+    };
+    info!(elapsed_ms = started.elapsed().as_millis() as u64, files = files.name(), "programs loaded and verified");
+    anyhow::ensure!(tables.reserve_binding(id)? == binding, "binding {binding} of {shown} was taken meanwhile");
     let had_links = pins::pinned_link_count(id) > 0;
-    let slot = install(&mut tables, binding, id, &shown, &compiled, base, dns_port)?;
+    let slot = match install(&mut tables, binding, id, &shown, &compiled, base, dns_port) {
+        Ok(slot) => slot,
+        Err(e) => {
+            forget(&mut tables);
+            return Err(e);
+        }
+    };
     if let FileEnforcement::Fanotify { state } = &files {
         state.write().expect("file tables lock").slot = slot;
     }
@@ -143,9 +176,7 @@ pub fn confine(mount: &Path, path: &Path, base: &Policy, opts: &FileOptions) -> 
         if !had_links {
             // Nothing of ours was enforcing here before: leave no policy behind.
             let _ = pins::detach_links(id);
-            if let Ok(Some(slot)) = tables.uninstall(id) {
-                state::remove_slot_info(slot);
-            }
+            forget(&mut tables);
         }
         return Err(e.into());
     }
@@ -181,7 +212,7 @@ pub fn reinstall(
     if base.dns.is_some() {
         dns::proxy_rules(base)?;
     }
-    let binding = tables.binding_for(id)?;
+    let binding = tables.binding_of(id).with_context(|| format!("{shown} is no longer confined (detached?)"))?;
     // Without DNS rules port 53 is judged like any port again; the proxy idles.
     let dns_port = match (base.dns.is_some(), dns) {
         (true, Some(service)) => DnsPort::Set(service.port),
@@ -228,13 +259,18 @@ pub fn update_grants(
     let base = info.spec.clone().with_context(|| {
         format!("the state of {shown}'s policy is missing under {}; attach it again", state::STATE_DIR)
     })?;
-    let mut grants = state::live_grants(id);
+    let before = state::live_grants(id);
+    let mut grants = before.clone();
     change(&mut grants)?;
     let home = info.home.clone().unwrap_or_else(|| PathBuf::from("/root"));
     let compiled = compile_all(&grants::apply(&base, &grants), &home)?;
-    let binding = tables.binding_for(id)?;
-    install(&mut tables, binding, id, &shown, &compiled, &base, DnsPort::Keep)?;
+    let binding = tables.binding_of(id).ok_or_else(not_confined)?;
+    // Recorded first: a grant that cannot be recorded is not given.
     state::save_grants(id, &grants).context("saving grants")?;
+    if let Err(e) = install(&mut tables, binding, id, &shown, &compiled, &base, DnsPort::Keep) {
+        let _ = state::save_grants(id, &before);
+        return Err(e);
+    }
     Ok(grants)
 }
 
@@ -279,14 +315,16 @@ pub fn unconfine(id: u64) -> anyhow::Result<(usize, Option<u32>)> {
 pub fn kill_switch(mount: &Path, path: &Path, isolate: bool, freeze: bool) -> anyhow::Result<Event> {
     let id = cgroup::cgroup_id(path)?;
     let shown = cgroup::display_path(mount, path);
-    let _lock = StateLock::acquire()?;
-    let mut tables = match Tables::open_pinned() {
+    // No state lock: the switch is one store into the binding, which a concurrent
+    // install leaves alone (see `bpf::bindings`). An agent or a stuck command cannot
+    // delay it.
+    let tables = match Tables::open_pinned() {
         Ok(t) => t,
         Err(BpfError::NotAttached) => bail!("{shown} is not confined by enforcer: attach a policy first"),
         Err(e) => return Err(e.into()),
     };
     let policy = tables.slot_of(id).and_then(|s| tables.config(s)).map(|c| c.name_str().to_string());
-    if !tables.set_isolated(id, isolate)? {
+    if !tables.set_isolated(id, isolate) {
         bail!("{shown} is not confined by enforcer: attach a policy first");
     }
     let frozen = if freeze || !isolate {

@@ -138,7 +138,7 @@ async fn stream_events(
     // for as long as it is registered.
     let mut ring =
         unsafe { AsyncFd::register(ring) }.map_err(|e| anyhow::anyhow!("polling the events ring buffer: {e}"))?;
-    let mut detector = Detector::new(state::seen_dir());
+    let mut detector = Detector::new(state::SeenStore::in_state_dir());
     tokio::pin!(stop);
     loop {
         tokio::select! {
