@@ -802,4 +802,16 @@ mod tests {
                 .contains("longer than dns.max_ttl")
         );
     }
+
+    #[test]
+    fn ipc_families_parse_sorted_and_unknown_ones_are_refused_with_their_place() {
+        let p = parse_policy_str(&format!("{HEAD}  ipc:\n    families: [vsock, netlink, vsock]\n"), "t.yaml").unwrap();
+        assert_eq!(p.ipc.families, [SocketFamily::Netlink, SocketFamily::Vsock]);
+        assert_eq!(parse_policy_str(HEAD, "t.yaml").unwrap().ipc, IpcPolicy::default(), "none unless listed");
+        let bad = parse_policy_str(&format!("{HEAD}  ipc:\n    families: [vsock, bluetoth]\n"), "t.yaml").unwrap_err();
+        assert_eq!(bad.location(), Some((7, 23)), "{bad}");
+        assert!(bad.to_string().contains("bluetoth"), "{bad}");
+        let unix = parse_policy_str(&format!("{HEAD}  ipc:\n    unix: [/run/x.sock]\n"), "t.yaml").unwrap_err();
+        assert!(unix.to_string().contains("unknown field `unix`"), "not enforced yet, so not accepted: {unix}");
+    }
 }
