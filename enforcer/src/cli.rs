@@ -231,6 +231,9 @@ pub enum Probe {
     /// socket() of a family the network rules do not judge: `netlink-route`,
     /// `netlink-uevent`, `vsock`, `alg`, `packet`.
     Socket(String),
+    /// `flood:tcp|udp:ADDR:PORT:MILLIS`: TCP connects or UDP sendto()s in a tight loop
+    /// for that long; prints how many the kernel let through and how many it refused.
+    Flood { tcp: bool, addr: SocketAddr, millis: u64 },
 }
 
 impl std::str::FromStr for Probe {
@@ -249,6 +252,20 @@ impl std::str::FromStr for Probe {
         }
         if let Some(family) = s.strip_prefix("socket:") {
             return Ok(Self::Socket(family.into()));
+        }
+        if let Some(rest) = s.strip_prefix("flood:") {
+            let bad = || format!("{s:?}: expected flood:tcp|udp:ADDR:PORT:MILLIS");
+            let (kind, rest) = rest.split_once(':').ok_or_else(bad)?;
+            let (addr, millis) = rest.rsplit_once(':').ok_or_else(bad)?;
+            return Ok(Self::Flood {
+                tcp: match kind {
+                    "tcp" => true,
+                    "udp" => false,
+                    _ => return Err(bad()),
+                },
+                addr: addr.parse().map_err(|_| bad())?,
+                millis: millis.parse().map_err(|_| bad())?,
+            });
         }
         for (prefix, make) in
             [("ptrace:", Self::Ptrace as fn(u32) -> Self), ("vm-read:", Self::VmRead), ("signal:", Self::Signal)]
@@ -297,6 +314,9 @@ impl std::fmt::Display for Probe {
             Self::Signal(pid) => write!(f, "signal:{pid}"),
             Self::Unix(target) => write!(f, "unix:{target}"),
             Self::Socket(family) => write!(f, "socket:{family}"),
+            Self::Flood { tcp, addr, millis } => {
+                write!(f, "flood:{}:{addr}:{millis}", if *tcp { "tcp" } else { "udp" })
+            }
         }
     }
 }

@@ -139,7 +139,13 @@ impl Tables {
         };
         self.bindings.point(binding, slot, dns_port);
         match Some(current.slot).filter(|&old| current.cgroup_id == cgroup_id && old != 0 && old != slot) {
-            Some(old) => self.clear_slot(old).map(|()| Some(old)),
+            Some(old) => {
+                // Programs that read the binding before the flip may still be reading the
+                // old slot: emptied under them, a deny prefix could vanish before the
+                // allow prefix around it, or the config read as zero.
+                wait_for_readers();
+                self.clear_slot(old).map(|()| Some(old))
+            }
             None => Ok(None),
         }
     }
@@ -227,6 +233,7 @@ impl Tables {
         let Some(&(binding, Binding { slot, .. })) = self.bound().get(&cgroup_id) else { return Ok(None) };
         self.bindings.release(binding);
         if slot != 0 {
+            wait_for_readers();
             self.clear_slot(slot)?;
         }
         LearnedTables::open_pinned()?.forget(binding, |_| true);
@@ -250,6 +257,20 @@ impl Tables {
 
     pub fn counter(&self, index: u32) -> u64 {
         Self::sum(self.counters.get(&index, 0))
+    }
+}
+
+/// Waits until every BPF program run that started before now has finished: program
+/// runs are RCU read-side sections, and `membarrier(MEMBARRIER_CMD_GLOBAL)` is a
+/// `synchronize_rcu()` on a machine with more than one CPU. With one CPU (where the
+/// kernel skips it) or without membarrier, a pause lets a preempted run finish.
+fn wait_for_readers() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
+    // SAFETY: membarrier takes two integers and touches no memory of ours.
+    let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0) };
+    let online = nix::unistd::sysconf(nix::unistd::SysconfVar::_NPROCESSORS_ONLN).ok().flatten().unwrap_or(1);
+    if rc != 0 || online <= 1 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 

@@ -106,6 +106,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         },
         Command::Probe { targets } => {
             for target in &targets {
+                if let crate::cli::Probe::Flood { tcp, addr, millis } = target {
+                    let (passed, refused) = probe::flood(*tcp, addr, std::time::Duration::from_millis(*millis));
+                    println!("{target} passed={passed} refused={refused}");
+                    continue;
+                }
                 println!("{target} {}", probe::outcome(&probe::run(target)));
             }
             Ok(ExitCode::SUCCESS)
@@ -129,8 +134,16 @@ fn file_options(args: FileArgs, home: Option<String>) -> FileOptions {
     FileOptions { home: home.into(), backend: args.file_backend }
 }
 
+/// The controller's runtime: the event stream runs on the calling thread (`block_on`),
+/// reloads, metrics and signals on a worker of their own, so a flood of decisions
+/// never delays a policy change.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("enforcer-control")
+        .enable_all()
+        .build()
+        .context("tokio runtime")
 }
 
 /// The event sink and any syslog targets, each on its own thread.

@@ -109,6 +109,7 @@ pub fn run(probe: &Probe) -> io::Result<()> {
             };
             socket(family, sock_type, SockFlag::SOCK_CLOEXEC, protocol).map(drop).map_err(io::Error::from)
         }
+        Probe::Flood { .. } => Err(io::Error::other("flood has its own line")),
         Probe::DnsTcp(name, server) => {
             use std::io::{Read as _, Write as _};
             let mut stream = TcpStream::connect_timeout(server, Duration::from_secs(3))?;
@@ -128,6 +129,28 @@ pub fn run(probe: &Probe) -> io::Result<()> {
             dns_rcode(&reply, id)
         }
     }
+}
+
+/// Connects (TCP) or sends (UDP) to `addr` in a tight loop for `how_long`; returns how
+/// many operations the kernel let through and how many it refused with EPERM.
+pub fn flood(tcp: bool, addr: &SocketAddr, how_long: Duration) -> (u64, u64) {
+    let (mut passed, mut refused) = (0, 0);
+    let udp = UdpSocket::bind(local_for(addr)).ok();
+    let until = std::time::Instant::now() + how_long;
+    while std::time::Instant::now() < until {
+        let result = if tcp {
+            TcpStream::connect_timeout(addr, Duration::from_secs(1)).map(drop)
+        } else {
+            udp.as_ref().map_or(Ok(()), |s| s.send_to(b"enforcer-flood", addr).map(drop))
+        };
+        match result {
+            Ok(()) => passed += 1,
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => refused += 1,
+            // Refused by the peer: the kernel let it out.
+            Err(_) => passed += 1,
+        }
+    }
+    (passed, refused)
 }
 
 /// A minimal A query with recursion desired.

@@ -35,6 +35,10 @@ use crate::{
 
 /// Pause after draining the ring, so that one wakeup reads a batch.
 const READ_BATCH_PAUSE: Duration = Duration::from_millis(2);
+/// Records read per wakeup at most: under a flood the reader yields between batches
+/// (reloads and signals are handled meanwhile) and a full ring sheds, counted, in the
+/// kernel.
+const READ_BATCH: usize = 4096;
 
 /// A confined cgroup with its event stream, DNS proxy and (on the fallback) fanotify
 /// judge running.
@@ -144,8 +148,9 @@ async fn stream_events(
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("events ring buffer")?;
-                drain(guard.get_inner_mut(), &mut enricher, &mut detector, &sinks);
-                guard.clear_ready();
+                if drain(guard.get_inner_mut(), &mut enricher, &mut detector, &sinks, READ_BATCH) {
+                    guard.clear_ready();
+                }
                 // Let events gather: without this a busy agent wakes us once per event.
                 // The ring holds about half a second at 100,000 events/s.
                 tokio::time::sleep(READ_BATCH_PAUSE).await;
@@ -154,14 +159,22 @@ async fn stream_events(
         }
     }
     // Decisions made just before the stop are still in the ring.
-    drain(ring.get_mut(), &mut enricher, &mut detector, &sinks);
+    drain(ring.get_mut(), &mut enricher, &mut detector, &sinks, usize::MAX);
     sinks.finish();
     Ok(())
 }
 
-fn drain(ring: &mut RingBuf<MapData>, enricher: &mut Enricher, detector: &mut Detector, sinks: &FanOut) {
+/// Reads at most `limit` records; true when the ring is empty.
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    enricher: &mut Enricher,
+    detector: &mut Detector,
+    sinks: &FanOut,
+    limit: usize,
+) -> bool {
     let default_alerts = crate::model::policy::Alerts::default();
-    while let Some(item) = ring.next() {
+    for _ in 0..limit {
+        let Some(item) = ring.next() else { return true };
         let Some(record) = events::decode::decode(&item) else { continue };
         let event = enricher.to_event(&record);
         let slot = enricher.slot_info(record.header().slot);
@@ -176,6 +189,7 @@ fn drain(ring: &mut RingBuf<MapData>, enricher: &mut Enricher, detector: &mut De
             sinks.publish(Outgoing::new(&event));
         }
     }
+    false
 }
 
 /// Reloads the policy file on every SIGHUP; a policy that fails to parse or compile is
