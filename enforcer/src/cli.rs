@@ -133,6 +133,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Try the known ways around a confinement from inside one: a scratch cgroup with a
+    /// test policy, an agent run as an unprivileged user, one row per vector (closed,
+    /// open, or n/a on this kernel with the reason). Exits 1 when any vector is open.
+    Selftest {
+        #[arg(long)]
+        json: bool,
+        /// The unprivileged user the agent runs as.
+        #[arg(long, default_value = "nobody")]
+        user: String,
+    },
     /// Policy tools.
     Policy {
         #[command(subcommand)]
@@ -231,6 +241,10 @@ pub enum Probe {
     /// socket() of a family the network rules do not judge: `netlink-route`,
     /// `netlink-uevent`, `vsock`, `alg`, `packet`.
     Socket(String),
+    /// Open a file and read it.
+    Read(PathBuf),
+    /// `link:SRC:DST`: a hard link.
+    Link(PathBuf, PathBuf),
     /// `flood:tcp|udp:ADDR:PORT:MILLIS`: TCP connects or UDP sendto()s in a tight loop
     /// for that long; prints how many the kernel let through and how many it refused.
     Flood { tcp: bool, addr: SocketAddr, millis: u64 },
@@ -246,6 +260,13 @@ impl std::str::FromStr for Probe {
         }
         if let Some(path) = s.strip_prefix("reopen:") {
             return Ok(Self::Reopen(path.into()));
+        }
+        if let Some(path) = s.strip_prefix("read:") {
+            return Ok(Self::Read(path.into()));
+        }
+        if let Some(rest) = s.strip_prefix("link:") {
+            let (from, to) = rest.split_once(':').ok_or_else(|| format!("{s:?}: expected link:SRC:DST"))?;
+            return Ok(Self::Link(from.into(), to.into()));
         }
         if let Some(target) = s.strip_prefix("unix:") {
             return Ok(Self::Unix(target.into()));
@@ -314,6 +335,8 @@ impl std::fmt::Display for Probe {
             Self::Signal(pid) => write!(f, "signal:{pid}"),
             Self::Unix(target) => write!(f, "unix:{target}"),
             Self::Socket(family) => write!(f, "socket:{family}"),
+            Self::Read(path) => write!(f, "read:{}", path.display()),
+            Self::Link(from, to) => write!(f, "link:{}:{}", from.display(), to.display()),
             Self::Flood { tcp, addr, millis } => {
                 write!(f, "flood:{}:{addr}:{millis}", if *tcp { "tcp" } else { "udp" })
             }

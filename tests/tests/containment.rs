@@ -136,6 +136,8 @@ fn run_keeps_the_agent_from_its_users_other_processes_setuid_and_unjudged_socket
         &format!(
             "grep -E '^(NoNewPrivs|Seccomp):' /proc/self/status | tr -d '\\t '; \
              [ \"$(cut -d' ' -f6 /proc/$$/stat)\" = \"$$\" ] && echo own-session; \
+             d=$(mktemp -d) && mkdir $d/a $d/b && echo x > $d/a/f && mv $d/a/f $d/b/f && ln $d/b/f $d/a/g \
+               && echo moved-and-linked; rm -rf $d; \
              {} probe {probes}",
             agent_bin.path.display()
         ),
@@ -144,6 +146,7 @@ fn run_keeps_the_agent_from_its_users_other_processes_setuid_and_unjudged_socket
     assert!(has("NoNewPrivs:1"), "no_new_privs: setuid programs must not raise the agent's privileges: {lines:?}");
     assert!(has("Seccomp:2"), "the agent runs under a seccomp filter: {lines:?}");
     assert!(has("own-session"), "the agent leads a session of its own (no controlling terminal): {lines:?}");
+    assert!(has("moved-and-linked"), "renames and links across directories still work (git needs them): {lines:?}");
     for target in [format!("ptrace:{pid}"), format!("vm-read:{pid}"), format!("signal:{pid}"), format!("unix:@{name}")]
     {
         assert!(has(&format!("{target} EPERM")), "{target} must be refused (EPERM): {lines:?}");

@@ -24,10 +24,11 @@ const SUITES: &[&str] = &["bookworm", "trixie"];
 /// Test targets of enforcer-tests that run in the VM: what the stock kernels decide
 /// differently from the build machine's. BPF-LSM loads only there (files); doctor reports
 /// it; dns_redirect exercises the recvmsg and getpeername rewrites, whose semantics moved
-/// between kernels. The rest (network, incident, audit, dns, observability) judges the
+/// between kernels; selftest reports what each kernel closes (its table is printed
+/// before the tests, after doctor's). The rest (network, incident, audit, dns, observability) judges the
 /// cgroup hooks and the controller, which the native run proves; every attach in the
 /// files suite loads and verifies the whole program set on both kernels all the same.
-const VM_TARGETS: &[&str] = &["doctor", "dns_redirect", "files"];
+const VM_TARGETS: &[&str] = &["doctor", "dns_redirect", "files", "selftest"];
 
 /// A stock guest is slow under TCG; a hung one must not hang the suite.
 const TIMEOUT: Duration = Duration::from_secs(45 * 60);
@@ -402,7 +403,7 @@ fn init_script(tests: &[(String, PathBuf)], filter: Option<&str>) -> String {
     if let Some(f) = filter {
         args += &format!(" {}", quote(f));
     }
-    let mut s = format!("{}{}/bin/enforcer doctor\n", guest_prelude(), HUNG_REPORT);
+    let mut s = format!("{}{}/bin/enforcer doctor\n/bin/enforcer selftest\n", guest_prelude(), HUNG_REPORT);
     // XTASK_VM_TESTS=files,doctor: only these test binaries (developers iterating).
     let only = std::env::var("XTASK_VM_TESTS").ok();
     for (name, _) in tests {

@@ -4,6 +4,7 @@ mod agent;
 mod control;
 pub mod doctor;
 pub mod probe;
+mod selftest;
 
 use std::{path::Path, process::ExitCode};
 
@@ -79,6 +80,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Selftest { json, user } => selftest::run(&user, json),
         Command::Policy { command: PolicyCommand::Check { files } } => {
             for file in &files {
                 let (_, compiled) = load_policy(file, None)?;

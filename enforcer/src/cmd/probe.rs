@@ -23,6 +23,7 @@ fn errno_name(e: &io::Error) -> String {
         Some(libc::EADDRNOTAVAIL) => "EADDRNOTAVAIL".into(),
         Some(libc::EAFNOSUPPORT) => "EAFNOSUPPORT".into(),
         Some(libc::ESRCH) => "ESRCH".into(),
+        Some(libc::ENOENT) => "ENOENT".into(),
         Some(n) => format!("errno-{n}"),
         None if e.kind() == io::ErrorKind::TimedOut => "ETIMEDOUT".into(),
         None => e.to_string(),
@@ -110,6 +111,8 @@ pub fn run(probe: &Probe) -> io::Result<()> {
             socket(family, sock_type, SockFlag::SOCK_CLOEXEC, protocol).map(drop).map_err(io::Error::from)
         }
         Probe::Flood { .. } => Err(io::Error::other("flood has its own line")),
+        Probe::Read(path) => std::fs::read(path).map(drop),
+        Probe::Link(from, to) => std::fs::hard_link(from, to),
         Probe::DnsTcp(name, server) => {
             use std::io::{Read as _, Write as _};
             let mut stream = TcpStream::connect_timeout(server, Duration::from_secs(3))?;

@@ -10,7 +10,10 @@ use std::{
 use std::collections::BTreeMap;
 
 use anyhow::Context as _;
-use landlock::{Access as _, AccessFs, CompatLevel, Compatible as _, Ruleset, RulesetAttr as _, RulesetCreated, Scope};
+use landlock::{
+    Access as _, AccessFs, CompatLevel, Compatible as _, PathBeneath, PathFd, Ruleset, RulesetAttr as _,
+    RulesetCreated, RulesetCreatedAttr as _, Scope,
+};
 use nix::{
     fcntl::OFlag,
     sys::stat::Mode,
@@ -39,7 +42,7 @@ const BASE_FAMILIES: [u64; 4] =
 ///   operator's shell and no sudo ticket bound to that terminal;
 /// - `no_new_privs`: setuid programs (sudo, su, pkexec) do not raise its privileges;
 /// - a Landlock domain: no ptrace, process_vm_readv/writev or pidfd_getfd of processes
-///   outside it (ABI 1+), no signals to them and no connects to abstract unix sockets
+///   outside it (ABI 2+), no signals to them and no connects to abstract unix sockets
 ///   they made (ABI 6+);
 /// - a seccomp filter: sockets only of the families the rules judge or `spec.ipc.families`
 ///   lists, no io_uring (its socket operation would pass the filter), and, where the
@@ -52,32 +55,38 @@ pub struct Hardening {
 impl Hardening {
     pub fn new(ipc: &IpcPolicy) -> anyhow::Result<Self> {
         let abi = host::landlock_abi();
-        let landlock = if abi >= 1 {
+        // ABI 1 refuses every link and rename across directories under any ruleset
+        // (git and package managers would break): a domain needs ABI 2, whose Refer
+        // right, granted everywhere, keeps them working.
+        let landlock = if abi >= 2 {
             let ruleset = Ruleset::default()
                 .set_compatibility(CompatLevel::BestEffort)
-                // A right the agent has no use for (block devices need CAP_MKNOD): the
-                // domain is what matters, and a domain needs a handled right.
-                .handle_access(AccessFs::MakeBlock)?
+                // MakeBlock: a right the agent has no use for (block devices need
+                // CAP_MKNOD); the domain is what matters, and it needs a handled right.
+                .handle_access(AccessFs::MakeBlock | AccessFs::Refer)?
                 .scope(Scope::from_all(landlock::ABI::V6))?
                 .create()
-                .context("creating the agent's Landlock ruleset")?;
+                .context("creating the agent's Landlock ruleset")?
+                .add_rule(PathBeneath::new(PathFd::new("/")?, AccessFs::Refer))
+                .context("letting the agent link and rename across directories")?;
             Some(ruleset)
         } else {
             None
         };
         match abi {
-            0 => warn!(
-                "no Landlock on this kernel: the agent may still signal, and connect to abstract sockets of, \
-                 its user's other processes (ptrace is refused by seccomp)"
+            0 | 1 => warn!(
+                abi,
+                "no usable Landlock on this kernel (ABI 2 is needed): the agent may still signal, and connect to \
+                 abstract sockets of, its user's other processes (ptrace is refused by seccomp)"
             ),
-            1..=5 => warn!(
+            2..=5 => warn!(
                 abi,
                 "Landlock ABI below 6: the agent may still signal its user's other processes and connect to \
                  their abstract unix sockets"
             ),
             _ => info!(abi, "agent hardening: own session, no_new_privs, Landlock domain and scopes, seccomp"),
         }
-        Ok(Self { landlock, seccomp: seccomp_filter(ipc, abi == 0)? })
+        Ok(Self { landlock, seccomp: seccomp_filter(ipc, abi < 2)? })
     }
 }
 
