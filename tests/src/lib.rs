@@ -192,6 +192,18 @@ impl Controller {
 
     /// Like `attach`, with events appended to a file the caller chose.
     pub fn attach_logging_to(cgroup: &str, policy: &TempFile, events: TempFile, extra: &[&str]) -> Self {
+        Self::attach_watching(cgroup, policy, events, extra, |_| {})
+    }
+
+    /// `attach_logging_to`, with `watch` called on every line the controller logs (as
+    /// it logs it: a test can act between two steps of the attach).
+    pub fn attach_watching(
+        cgroup: &str,
+        policy: &TempFile,
+        events: TempFile,
+        extra: &[&str],
+        mut watch: impl FnMut(&str) + Send + 'static,
+    ) -> Self {
         let mut child = Command::new(enforcer_bin())
             .args(["attach", "--cgroup", cgroup, "--policy", policy.arg(), "--events", events.arg()])
             .args(extra)
@@ -205,6 +217,7 @@ impl Controller {
         let sink = stderr_lines.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                watch(&line);
                 // The controller's INFO line, not an error that mentions "attached".
                 if line.contains("INFO") && line.contains(" attached") {
                     let _ = tx.send(());

@@ -341,6 +341,29 @@ fn a_denied_path_created_after_attach_is_protected() {
 }
 
 #[test]
+fn a_denied_path_created_while_the_programs_verify_is_protected() {
+    let _tables = sharing_file_tables();
+    let s = Scratch::new("during");
+    fs::create_dir_all(s.0.join("home")).unwrap();
+    let cg = TestCgroup::new("files-during");
+    let p = files_policy("enforce", "    default: allow\n    deny: [ROOT/home/.aws]\n", &s.0);
+    // Created while the controller verifies its programs: after the policy was first
+    // compiled, before the programs can see a creation (seconds under emulation).
+    let creds = s.0.join("home/.aws/credentials");
+    let created = creds.clone();
+    let c = Controller::attach_watching(cg.arg(), &p, TempFile::empty("events.jsonl"), &[], move |line| {
+        if line.contains("verifying the kernel programs") {
+            fs::create_dir_all(created.parent().unwrap()).unwrap();
+            fs::write(&created, "KEY").unwrap();
+        }
+    });
+    assert!(creds.exists(), "the controller announced its verification (and the test made the file then)");
+    let r = try_in(&cg.path, &[("aws", format!("cat {}", creds.display()))]);
+    expect(&r, &[("aws", false)]);
+    drop(c);
+}
+
+#[test]
 fn processes_outside_the_cgroup_are_untouched_and_audit_mode_only_records() {
     let _tables = sharing_file_tables();
     let s = Scratch::new("outside");

@@ -26,8 +26,25 @@ const MAX_DENIED_TREE_WALK: usize = 20_000;
 pub struct Pending {
     pub parent_dev: u32,
     pub parent_ino: u64,
+    /// The deepest existing ancestor, as compiled.
+    pub parent: PathBuf,
     pub names: Vec<String>,
     pub entry: FileEntry,
+}
+
+impl Pending {
+    /// The next missing component exists now: it was created after the compile.
+    pub fn appeared(&self) -> bool {
+        self.names.first().is_some_and(|name| std::fs::symlink_metadata(self.parent.join(name)).is_ok())
+    }
+}
+
+impl FileTables {
+    /// A path listed as missing exists now (created between compile and the moment the
+    /// kernel could see its creation): the policy must be compiled again.
+    pub fn missed_creations(&self) -> bool {
+        self.pending.iter().any(Pending::appeared)
+    }
 }
 
 /// One rule as compiled: what it names on this machine.
@@ -170,7 +187,7 @@ fn pending_for(path: &Path, entry: FileEntry) -> Result<Pending, String> {
                     limits::MAX_PENDING_DEPTH
                 ));
             }
-            return Ok(Pending { parent_dev: kernel_dev(meta.dev()), parent_ino: meta.ino(), names, entry });
+            return Ok(Pending { parent_dev: kernel_dev(meta.dev()), parent_ino: meta.ino(), parent, names, entry });
         }
     }
 }

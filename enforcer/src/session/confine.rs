@@ -105,6 +105,34 @@ fn install(
     }
 }
 
+/// How many times a policy is compiled again for paths created while it was installed.
+const MAX_RECOMPILES: usize = 3;
+
+/// A listed path that was missing at compile time and exists now was created before
+/// the kernel could adopt it (between compile and the flip, or, for a first attach,
+/// before the programs were attached): compiles and installs the policy again, so the
+/// path is listed by its inode. Returns the compiled policy in force.
+fn relist_created(
+    tables: &mut Tables,
+    binding: u32,
+    cgroup_id: u64,
+    shown: &str,
+    compile: &dyn Fn() -> anyhow::Result<CompiledPolicy>,
+    mut compiled: CompiledPolicy,
+    base: &Policy,
+) -> anyhow::Result<(u32, CompiledPolicy)> {
+    let mut slot = tables.slot_of(cgroup_id).unwrap_or(0);
+    for _ in 0..MAX_RECOMPILES {
+        if !compiled.files.as_ref().is_some_and(|f| f.missed_creations()) {
+            break;
+        }
+        info!(cgroup = %shown, "a listed path appeared while the policy was installed; compiling it again");
+        compiled = compile()?;
+        slot = install(tables, binding, cgroup_id, shown, &compiled, base, DnsPort::Keep)?;
+    }
+    Ok((slot, compiled))
+}
+
 /// Writes the policy for the cgroup, then attaches the hooks (policy first, so the
 /// first decision already has it). A re-attach replaces the policy in one map update.
 ///
@@ -141,6 +169,7 @@ pub fn confine(mount: &Path, path: &Path, base: &Policy, opts: &FileOptions) -> 
         Err(e) => return Err(e.into()),
     };
     let started = std::time::Instant::now();
+    info!(cgroup = %shown, "loading and verifying the kernel programs (seconds; minutes under software emulation)");
     let loaded = backend::load_programs(mount, path, binding, &compiled, opts.backend);
     let _lock = match lock {
         Some(held) => held,
@@ -161,16 +190,19 @@ pub fn confine(mount: &Path, path: &Path, base: &Policy, opts: &FileOptions) -> 
     };
     info!(elapsed_ms = started.elapsed().as_millis() as u64, files = files.name(), "programs loaded and verified");
     anyhow::ensure!(tables.reserve_binding(id)? == binding, "binding {binding} of {shown} was taken meanwhile");
-    let had_links = pins::pinned_link_count(id) > 0;
-    let slot = match install(&mut tables, binding, id, &shown, &compiled, base, dns_port) {
-        Ok(slot) => slot,
+    // Compiled again: paths may have been created while the programs verified.
+    let compile = || compile_all(&grants::apply(base, &state::live_grants(id)), &opts.home);
+    let compiled = match compile() {
+        Ok(compiled) => compiled,
         Err(e) => {
             forget(&mut tables);
             return Err(e);
         }
     };
-    if let FileEnforcement::Fanotify { state } = &files {
-        state.write().expect("file tables lock").slot = slot;
+    let had_links = pins::pinned_link_count(id) > 0;
+    if let Err(e) = install(&mut tables, binding, id, &shown, &compiled, base, dns_port) {
+        forget(&mut tables);
+        return Err(e);
     }
     if let Err(e) = programs.attach(path, id) {
         if !had_links {
@@ -179,6 +211,10 @@ pub fn confine(mount: &Path, path: &Path, base: &Policy, opts: &FileOptions) -> 
             forget(&mut tables);
         }
         return Err(e.into());
+    }
+    let (slot, compiled) = relist_created(&mut tables, binding, id, &shown, &compile, compiled, base)?;
+    if let (FileEnforcement::Fanotify { state }, Some(tables)) = (&files, &compiled.files) {
+        *state.write().expect("file tables lock") = FanotifyState::new(slot, &compiled, tables.clone());
     }
     tracing::debug!(cgroup = %shown, cgroup_id = id, policy = %compiled.name, binding, slot, "policy installed");
     Ok(Confinement { id, display: shown, programs, files: Arc::new(files), policy: compiled.name, slot, binding, dns })
@@ -199,7 +235,8 @@ pub fn reinstall(
     let _lock = StateLock::acquire()?;
     let mut tables = Tables::open_pinned()?;
     anyhow::ensure!(tables.slot_of(id).is_some(), "{shown} is no longer confined (detached?)");
-    let compiled = compile_all(&grants::apply(base, &state::live_grants(id)), &opts.home)?;
+    let compile = || compile_all(&grants::apply(base, &state::live_grants(id)), &opts.home);
+    let compiled = compile()?;
     // Never leave file rules unenforced: the programs (or fanotify) come with an attach.
     anyhow::ensure!(
         compiled.files.is_none() || !matches!(files, FileEnforcement::None),
@@ -218,7 +255,8 @@ pub fn reinstall(
         (true, Some(service)) => DnsPort::Set(service.port),
         _ => DnsPort::Set(0),
     };
-    let slot = install(&mut tables, binding, id, &shown, &compiled, base, dns_port)?;
+    install(&mut tables, binding, id, &shown, &compiled, base, dns_port)?;
+    let (slot, compiled) = relist_created(&mut tables, binding, id, &shown, &compile, compiled, base)?;
     if let (FileEnforcement::Fanotify { state }, Some(new)) = (files, compiled.files.clone()) {
         *state.write().expect("file tables lock") = FanotifyState::new(slot, &compiled, new);
     }
@@ -263,11 +301,14 @@ pub fn update_grants(
     let mut grants = before.clone();
     change(&mut grants)?;
     let home = info.home.clone().unwrap_or_else(|| PathBuf::from("/root"));
-    let compiled = compile_all(&grants::apply(&base, &grants), &home)?;
+    let compile = || compile_all(&grants::apply(&base, &grants), &home);
+    let compiled = compile()?;
     let binding = tables.binding_of(id).ok_or_else(not_confined)?;
     // Recorded first: a grant that cannot be recorded is not given.
     state::save_grants(id, &grants).context("saving grants")?;
-    if let Err(e) = install(&mut tables, binding, id, &shown, &compiled, &base, DnsPort::Keep) {
+    let installed = install(&mut tables, binding, id, &shown, &compiled, &base, DnsPort::Keep)
+        .and_then(|_| relist_created(&mut tables, binding, id, &shown, &compile, compiled, &base));
+    if let Err(e) = installed {
         let _ = state::save_grants(id, &before);
         return Err(e);
     }
