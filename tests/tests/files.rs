@@ -364,6 +364,37 @@ fn a_denied_path_created_while_the_programs_verify_is_protected() {
 }
 
 #[test]
+fn a_denied_file_replaced_or_recreated_by_its_owner_stays_denied() {
+    let _tables = sharing_file_tables();
+    let s = Scratch::new("replaced");
+    let creds = s.file("home/.aws/credentials", "OLD");
+    let key = s.file("home/.ssh/id_ed25519", "OLD");
+    s.file("home/.aws/config", "fine");
+    let cg = TestCgroup::new("files-replaced");
+    let p = files_policy(
+        "enforce",
+        "    default: allow\n    deny: [ROOT/home/.aws/credentials, ROOT/home/.ssh/id_ed25519]\n",
+        &s.0,
+    );
+    let _c = attach_files(&cg, &p);
+    // Outside the cgroup, as `aws configure`, `sed -i` or an editor do: a new file
+    // renamed over the name; and a delete and re-create.
+    let new = s.file("home/.aws/credentials.tmp", "NEW");
+    fs::rename(&new, &creds).unwrap();
+    fs::remove_file(&key).unwrap();
+    fs::write(&key, "NEW").unwrap();
+    let r = try_in(
+        &cg.path,
+        &[
+            ("replaced", format!("cat {}", creds.display())),
+            ("recreated", format!("cat {}", key.display())),
+            ("sibling", format!("cat {}", s.p("home/.aws/config"))),
+        ],
+    );
+    expect(&r, &[("replaced", false), ("recreated", false), ("sibling", true)]);
+}
+
+#[test]
 fn processes_outside_the_cgroup_are_untouched_and_audit_mode_only_records() {
     let _tables = sharing_file_tables();
     let s = Scratch::new("outside");

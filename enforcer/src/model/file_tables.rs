@@ -30,12 +30,16 @@ pub struct Pending {
     pub parent: PathBuf,
     pub names: Vec<String>,
     pub entry: FileEntry,
+    /// The name existed at compile time (and is listed by its inode too): this entry
+    /// gives the rule to whatever replaces it, a file renamed over it or re-created.
+    pub existed: bool,
 }
 
 impl Pending {
     /// The next missing component exists now: it was created after the compile.
     pub fn appeared(&self) -> bool {
-        self.names.first().is_some_and(|name| std::fs::symlink_metadata(self.parent.join(name)).is_ok())
+        !self.existed
+            && self.names.first().is_some_and(|name| std::fs::symlink_metadata(self.parent.join(name)).is_ok())
     }
 }
 
@@ -152,6 +156,12 @@ pub fn compile(policy: &FilePolicy, home: &Path) -> Result<FileTables, String> {
                 if entry.deny != 0 && meta.is_dir() {
                     add_hard_linked_files(path, *entry, &mut tables.inodes);
                 }
+                // Also by (parent, name): an atomic replacement (a new file renamed over
+                // the name: editors, `sed -i`, `aws configure`) or a re-creation gives the
+                // name a new inode, which takes the name's rule, not its parent's.
+                if path.parent().is_some() {
+                    tables.pending.push(Pending { existed: true, ..pending_for(path, *entry)? });
+                }
             }
             Err(_) => tables.pending.push(pending_for(path, *entry)?),
         }
@@ -187,7 +197,14 @@ fn pending_for(path: &Path, entry: FileEntry) -> Result<Pending, String> {
                     limits::MAX_PENDING_DEPTH
                 ));
             }
-            return Ok(Pending { parent_dev: kernel_dev(meta.dev()), parent_ino: meta.ino(), parent, names, entry });
+            return Ok(Pending {
+                parent_dev: kernel_dev(meta.dev()),
+                parent_ino: meta.ino(),
+                parent,
+                names,
+                entry,
+                existed: false,
+            });
         }
     }
 }
@@ -374,7 +391,7 @@ mod tests {
         let r = &d.0;
         std::fs::create_dir_all(r.join("home")).unwrap();
         let t = tables(r, "    default: allow\n    deny: [\"~/.config/gcloud\"]\n");
-        assert_eq!(t.pending.len(), 1);
+        assert_eq!(t.pending.iter().filter(|p| !p.existed).count(), 1);
         assert_eq!(t.pending[0].names, vec![".config", "gcloud"]);
         touch(&r.join("home/.config/gcloud/token"));
         touch(&r.join("home/.config/other"));
@@ -395,5 +412,21 @@ mod tests {
     fn kernel_dev_encodes_major_and_minor() {
         assert_eq!(kernel_dev(nix::sys::stat::makedev(8, 1)), (8 << 20) | 1);
         assert_eq!(kernel_dev(nix::sys::stat::makedev(259, 70000)), (259 << 20) | 70000);
+    }
+
+    #[test]
+    fn a_listed_file_replaced_under_its_name_keeps_its_rule() {
+        let d = scratch("replaced");
+        let r = &d.0;
+        touch(&r.join("home/.aws/credentials"));
+        touch(&r.join("home/.aws/config"));
+        let t = tables(r, "    default: allow\n    deny: [\"~/.aws/credentials\"]\n");
+        assert!(t.pending.iter().any(|p| p.existed && p.names == [String::from("credentials")]));
+        assert!(!t.missed_creations(), "a name that existed at compile is not a missed creation");
+        // A new file renamed over the name: a new inode, the same rule.
+        touch(&r.join("home/.aws/credentials.new"));
+        std::fs::rename(r.join("home/.aws/credentials.new"), r.join("home/.aws/credentials")).unwrap();
+        assert!(!judge_path(&t, &r.join("home/.aws/credentials"), READ).allowed);
+        assert!(judge_path(&t, &r.join("home/.aws/config"), READ).allowed);
     }
 }
