@@ -131,7 +131,7 @@ impl StateLock {
     }
 
     /// Waits at most `wait` for another holder.
-    pub fn acquire_within(wait: Duration) -> Result<Self, StateError> {
+    fn acquire_within(wait: Duration) -> Result<Self, StateError> {
         let path = state_root()?.join("lock");
         let mut file = open_private(&path, OpenOptions::new().read(true).write(true).create(true))
             .map_err(state_err("opening", &path))?;

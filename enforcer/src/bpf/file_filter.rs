@@ -8,8 +8,7 @@ use super::{BpfError, mapping::Mapping};
 /// map's value whole would overwrite bytes the kernel set in the meantime. Records are
 /// written word by word in the order `FileRecord` asks for.
 pub(super) struct FileFilterMap {
-    bytes: *mut u8,
-    _mapping: Mapping,
+    mapping: Mapping,
 }
 
 impl FileFilterMap {
@@ -17,19 +16,19 @@ impl FileFilterMap {
 
     pub(super) fn open_pinned() -> Result<Self, BpfError> {
         let mapping = Mapping::open_pinned(names::MAP_FILE_FILTER, Self::SIZE)?;
-        Ok(Self { bytes: mapping.at(0), _mapping: mapping })
+        Ok(Self { mapping })
     }
 
     /// Marks an inode before its entry is inserted.
     pub(super) fn mark(&mut self, dev: u32, ino: u64) {
-        // SAFETY: index() < FileFilter::LEN, inside the mapping.
-        unsafe { self.bytes.add(FileFilter::index(dev, ino)).write_volatile(1) };
+        // SAFETY: `at` checked the offset against the mapping.
+        unsafe { self.mapping.at(FileFilter::index(dev, ino)).write_volatile(1) };
     }
 
     fn record(&mut self, index: usize) -> *mut FileRecord {
         assert!(index < FileFilter::RECORDS);
-        // SAFETY: the records follow the bytes inside the mapping; `index` is in range.
-        unsafe { self.bytes.add(std::mem::offset_of!(FileFilter, records)).cast::<FileRecord>().add(index) }
+        let offset = std::mem::offset_of!(FileFilter, records) + index * size_of::<FileRecord>();
+        self.mapping.at(offset).cast()
     }
 
     /// Copies an entry of `slot` (bound to no cgroup yet) into its record, unless the

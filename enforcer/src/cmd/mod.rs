@@ -108,12 +108,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         },
         Command::Probe { targets } => {
             for target in &targets {
-                if let crate::cli::Probe::Flood { tcp, addr, millis } = target {
-                    let (passed, refused) = probe::flood(*tcp, addr, std::time::Duration::from_millis(*millis));
-                    println!("{target} passed={passed} refused={refused}");
-                    continue;
-                }
-                println!("{target} {}", probe::outcome(&probe::run(target)));
+                println!("{}", probe::line(target));
             }
             Ok(ExitCode::SUCCESS)
         }

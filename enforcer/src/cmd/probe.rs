@@ -34,8 +34,18 @@ fn local_for(addr: &SocketAddr) -> &'static str {
     if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
 }
 
+/// Runs one probe and returns its line: `<target> ok`, `<target> <ERRNO>`, or for a
+/// flood `<target> passed=N refused=M`.
+pub fn line(probe: &Probe) -> String {
+    if let Probe::Flood { tcp, addr, millis } = probe {
+        let (passed, refused) = flood(*tcp, addr, Duration::from_millis(*millis));
+        return format!("{probe} passed={passed} refused={refused}");
+    }
+    format!("{probe} {}", outcome(&run(probe)))
+}
+
 /// Runs one probe; `Ok(())` when the kernel let the operation through.
-pub fn run(probe: &Probe) -> io::Result<()> {
+fn run(probe: &Probe) -> io::Result<()> {
     match probe {
         Probe::Tcp(addr) => match TcpStream::connect_timeout(addr, Duration::from_secs(2)) {
             Ok(_) => Ok(()),
@@ -110,7 +120,7 @@ pub fn run(probe: &Probe) -> io::Result<()> {
             };
             socket(family, sock_type, SockFlag::SOCK_CLOEXEC, protocol).map(drop).map_err(io::Error::from)
         }
-        Probe::Flood { .. } => Err(io::Error::other("flood has its own line")),
+        Probe::Flood { .. } => unreachable!("line() runs floods"),
         Probe::Read(path) => std::fs::read(path).map(drop),
         Probe::Link(from, to) => std::fs::hard_link(from, to),
         Probe::DnsTcp(name, server) => {
@@ -136,7 +146,7 @@ pub fn run(probe: &Probe) -> io::Result<()> {
 
 /// Connects (TCP) or sends (UDP) to `addr` in a tight loop for `how_long`; returns how
 /// many operations the kernel let through and how many it refused with EPERM.
-pub fn flood(tcp: bool, addr: &SocketAddr, how_long: Duration) -> (u64, u64) {
+fn flood(tcp: bool, addr: &SocketAddr, how_long: Duration) -> (u64, u64) {
     let (mut passed, mut refused) = (0, 0);
     let udp = UdpSocket::bind(local_for(addr)).ok();
     let until = std::time::Instant::now() + how_long;
@@ -215,7 +225,7 @@ fn tcp_fast_open(addr: &SocketAddr) -> io::Result<()> {
 }
 
 /// The line printed for a probe's outcome.
-pub fn outcome(result: &io::Result<()>) -> String {
+fn outcome(result: &io::Result<()>) -> String {
     match result {
         Ok(()) => "ok".into(),
         Err(e) => errno_name(e),
